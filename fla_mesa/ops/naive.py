@@ -9,16 +9,14 @@ float32, so float64 inputs give a float64 reference.
 """
 
 import torch
-import torch.nn.functional as F
-
-from fla_mesa.ops.utils import cg_init_guess
+from fla_mesa.ops.utils import cg_init_guess, l2norm
 
 
 def _prepare(q, k, v, g, beta, lamb, initial_state, use_qk_l2norm):
     dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
     if use_qk_l2norm:
-        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        q, k = l2norm(q), l2norm(k)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if initial_state is None:
@@ -61,7 +59,9 @@ def naive_recurrent_mesa(
     outs = []
     for t in range(q.shape[1]):
         h_kk, h_kv = _step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
-        x = torch.linalg.solve(h_kk + eye_lamb, q[:, t])
+        # fla reads a [K, K] state S as y = S^T x; H_t is symmetric, so this is H_t itself, and it gives a
+        # caller's (symmetric) initial state the same gradient as the chunked op
+        x = torch.linalg.solve(h_kk.transpose(-1, -2) + eye_lamb, q[:, t])
         outs.append(torch.einsum('bhk,bhkv->bhv', x, h_kv))
     o = torch.stack(outs, dim=1)
     return o, ((h_kk, h_kv) if output_final_state else None)
@@ -94,7 +94,7 @@ def naive_cg_mesa(
         b = q[:, t]
 
         def matvec(p):
-            return torch.einsum('bhij,bhj->bhi', h_kk, p) + lamb * p
+            return torch.einsum('bhji,bhj->bhi', h_kk, p) + lamb * p
 
         if cg_steps == 0:
             x = b

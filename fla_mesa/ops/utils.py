@@ -10,6 +10,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_HEAD_DIM = 256
 
 
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim: fla's `l2norm` formula, in PyTorch."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
 def cg_init_guess(b: torch.Tensor, diag: torch.Tensor, cg_init: str) -> torch.Tensor:
     """The CG starting point for `(H + diag(lamb)) x = b`: `b / diag(H + diag(lamb))` or zeros."""
     if cg_init == 'jacobi':

@@ -1,0 +1,205 @@
+"""Conjugate gradient for (H_t + diag(lamb)) x_t = b_t at every t at once.
+
+Tokens are independent systems, so a chunk of tokens needs only its chunk-start state H_c and its own
+keys: the Triton kernel keeps a chunk's keys, gates and CG vectors on chip across all iterations (fla
+has no such kernel: its GLA primitives would take one launch and a round trip to memory per iteration).
+A chunk stops once every token in it has ||r_k|| <= cg_tol * ||r_0||, or after `cg_steps` iterations.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output
+from fla_mesa.ops.utils import cg_init_guess
+
+
+@triton.jit(do_not_specialize=['T', 'steps'])
+def chunk_cg_kernel(
+    b,
+    k,
+    beta,
+    gc,
+    h,
+    lamb,
+    x,
+    iters,
+    cu_seqlens,
+    chunk_indices,
+    tol_sq,
+    steps,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    JACOBI: tl.constexpr,
+    USE_TOL: tl.constexpr,
+    STORE_ITERS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+        bos = (i_b * T).to(tl.int64)
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = o_t < T
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    row = (bos + o_t) * H + i_h
+    p_tk = row[:, None] * K + o_k[None, :]
+
+    b_b = tl.load(b + p_tk, mask=m_tk, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+    b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
+    b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
+    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
+    m_kk = m_k[:, None] & m_k[None, :]
+
+    # decay[t, s] = exp2(g_t - g_s) * beta_s for s <= t in the chunk
+    m_ts = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_g[None, :], 0.)) * b_beta[None, :], 0.)
+    b_eg = tl.exp2(b_g)
+
+    if JACOBI:
+        b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
+        b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k, input_precision=DOT_PRECISION)
+        b_x = b_b / (b_diag + b_lamb[None, :])
+        b_hm = tl.load(p_h, mask=m_kk, other=0.)
+        b_s = tl.dot(b_x, tl.trans(b_k), input_precision=DOT_PRECISION) * b_decay
+        b_ax = b_eg[:, None] * tl.dot(b_x, b_hm, input_precision=DOT_PRECISION) \
+            + tl.dot(b_s, b_k, input_precision=DOT_PRECISION) + b_lamb[None, :] * b_x
+        b_r = b_b - b_ax
+    else:
+        b_x = tl.zeros([BT, BK], dtype=tl.float32)
+        b_r = b_b
+    b_p = b_r
+    b_rs = tl.sum(b_r * b_r, 1)
+    if USE_TOL:
+        b_thresh = tol_sq * b_rs
+    else:
+        b_thresh = tl.full([BT], -1., dtype=tl.float32)
+    b_cnt = tl.zeros([BT], dtype=tl.int32)
+
+    i = 0
+    todo = tl.max(b_rs - b_thresh, 0) > 0
+    while (i < steps) & todo:
+        b_hm = tl.load(p_h, mask=m_kk, other=0.)
+        b_s = tl.dot(b_p, tl.trans(b_k), input_precision=DOT_PRECISION) * b_decay
+        b_ap = b_eg[:, None] * tl.dot(b_p, b_hm, input_precision=DOT_PRECISION) \
+            + tl.dot(b_s, b_k, input_precision=DOT_PRECISION) + b_lamb[None, :] * b_p
+        b_pap = tl.sum(b_p * b_ap, 1)
+        b_alpha = tl.where(b_pap > 0, b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
+        b_x += b_alpha[:, None] * b_p
+        b_r -= b_alpha[:, None] * b_ap
+        b_rs_new = tl.sum(b_r * b_r, 1)
+        b_cg_beta = tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.)
+        b_p = b_r + b_cg_beta[:, None] * b_p
+        b_cnt += (b_rs > b_thresh).to(tl.int32)
+        b_rs = b_rs_new
+        i += 1
+        todo = tl.max(b_rs - b_thresh, 0) > 0
+
+    tl.store(x + p_tk, b_x, mask=m_tk)
+    if STORE_ITERS:
+        tl.store(iters + row, b_cnt, mask=m_t)
+
+
+def chunk_cg_solve(
+    b: torch.Tensor,
+    k: torch.Tensor,
+    beta: torch.Tensor,
+    gc: torch.Tensor,
+    h_kk: torch.Tensor,
+    lamb: torch.Tensor,
+    cg_steps: int,
+    cg_tol: float | None,
+    cg_init: str,
+    return_iters: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk.
+
+    Args:
+        b: right-hand sides `[B, T, H, K]`, any float dtype. k: keys `[B, T, H, K]`. beta: `[B, T, H]`.
+        gc: chunk-local cumulative log2 gate `[B, T, H]` (float32, from `chunk_local_cumsum(..., scale=RCP_LN2)`).
+        h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`.
+    Returns:
+        x `[B, T, H, K]` float32, and the iterations each token ran before meeting `cg_tol`
+        (int32 `[B, T, H]`, the chunk's count for tokens that never met it) if `return_iters`.
+    """
+    B, T, H, K = b.shape
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
+    x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
+    iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
+    BK = max(16, triton.next_power_of_2(K))
+    # fp32 inputs get fp32-accurate products (3 tf32 passes); half inputs are far coarser than tf32
+    precision = 'tf32x3' if k.dtype == torch.float32 else 'tf32'
+    chunk_cg_kernel[(NT, B * H)](
+        b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, cu_seqlens, chunk_indices,
+        tol_sq=0. if cg_tol is None else cg_tol ** 2,
+        steps=cg_steps,
+        T=T,
+        H=H,
+        K=K,
+        BT=chunk_size,
+        BK=BK,
+        JACOBI=cg_init == 'jacobi',
+        USE_TOL=cg_tol is not None,
+        STORE_ITERS=return_iters,
+        IS_VARLEN=cu_seqlens is not None,
+        DOT_PRECISION=precision,
+        num_warps=8 if BK >= 128 else 4,
+        num_stages=1,
+    )
+    return x, iters
+
+
+def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters=False, chunk_size=64):
+    """PyTorch twin of `chunk_cg_solve` (same algorithm and stopping rule), natural-log `gc`, T a multiple
+    of `chunk_size`, every tensor in the compute dtype."""
+    B, T, H, K = b.shape
+    NT = T // chunk_size
+    kb = beta[..., None] * k
+
+    def matvec(p):
+        return chunk_output(p, k, kb, h_kk, gc, chunk_size) + lamb * p
+
+    if cg_init == 'jacobi':
+        x = cg_init_guess(b, chunk_diag(k, beta, gc, h_kk, chunk_size) + lamb, cg_init)
+        r = b - matvec(x)
+    else:
+        x, r = torch.zeros_like(b), b
+    p = r
+    rs = (r * r).sum(-1)
+    thresh = rs * cg_tol ** 2 if cg_tol is not None else torch.full_like(rs, -1.)
+    cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
+    for _ in range(cg_steps):
+        unconverged = rs > thresh
+        chunk_active = unconverged.view(B, NT, chunk_size, H).any(2, keepdim=True)
+        if not bool(chunk_active.any()):
+            break
+        active = chunk_active.expand(B, NT, chunk_size, H).reshape(B, T, H)
+        ap = matvec(p)
+        pap = (p * ap).sum(-1)
+        alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)[..., None]
+        x = x + alpha * p
+        r = r - alpha * ap
+        rs_new = (r * r).sum(-1)
+        cg_beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0)[..., None]
+        p = torch.where(active[..., None], r + cg_beta * p, p)
+        cnt += (active & unconverged).int()
+        rs = torch.where(active, rs_new, rs)
+    return x, (cnt if return_iters else None)

@@ -1,0 +1,270 @@
+"""Chunked Mesa: forward by CG over chunk states, backward by implicit differentiation.
+
+Forward (per head): chunk-start states of H (float32) and of S = G^T from `chunk_fwd_h`; x = (H_t +
+diag(lamb))^{-1} q_t for all t by `chunk_cg_solve`; o = the GLA output pass with query x, key k, value
+beta * v. Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t +
+diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
+gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
+through the CG iterations: the gradients are those of the exact solve.
+On CUDA the GLA passes are fla's Triton primitives; elsewhere they are `torch_chunk`'s PyTorch twins.
+"""
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
+from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
+from fla_mesa.ops.utils import check_inputs, l2norm
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, chunk_size):
+    T, dt = q.shape[1], _compute_dtype(q.dtype)
+    q, k, v, g, beta = (pad_to_chunks(x.to(dt), chunk_size) for x in (q, k, v, g, beta))
+    gc = chunk_cumsum(g, chunk_size)
+    h_kk, ht_kk = chunk_states(k, beta[..., None] * k, gc, h0_kk, chunk_size)
+    if cg_steps == 0:
+        x, iters = q, (torch.zeros(q.shape[:3], dtype=torch.int32) if return_iters else None)
+    else:
+        x, iters = torch_chunk_cg_solve(q, k, beta, gc, h_kk, lamb.to(dt), cg_steps, cg_tol, cg_init,
+                                        return_iters, chunk_size)
+    vb = beta[..., None] * v
+    h_kv, ht_kv = chunk_states(k, vb, gc, h0_kv, chunk_size)
+    o = chunk_output(x, k, vb, h_kv, gc, chunk_size)
+    return o[:, :T], ht_kk, ht_kv, x[:, :T], (iters[:, :T] if return_iters else None)
+
+
+def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, chunk_size):
+    dt = _compute_dtype(q.dtype)
+    leaves = [t.detach().to(dt).requires_grad_() for t in (k, v, g, beta)]
+    states = [None if h is None else h.detach().to(dt).requires_grad_() for h in (h0_kk, h0_kv)]
+    with torch.enable_grad():
+        k_, v_, g_, beta_ = (pad_to_chunks(t, chunk_size) for t in leaves)
+        x_ = pad_to_chunks(x.to(dt), chunk_size).requires_grad_()
+        gc = chunk_cumsum(g_, chunk_size)
+        vb = beta_[..., None] * v_
+        h_kv, ht_kv = chunk_states(k_, vb, gc, states[1], chunk_size)
+        o = chunk_output(x_, k_, vb, h_kv, gc, chunk_size)
+        do_ = pad_to_chunks(do.to(dt), chunk_size)
+        dx, = torch.autograd.grad(o, x_, do_, retain_graph=True)
+        kb = beta_[..., None] * k_
+        h_kk, ht_kk = chunk_states(k_, kb, gc, states[0], chunk_size)
+        if cg_steps == 0:
+            u, dq = torch.zeros_like(dx), dx
+        else:
+            u, _ = torch_chunk_cg_solve(dx, k_.detach(), beta_.detach(), gc.detach(), h_kk.detach(), lamb.to(dt),
+                                        cg_steps, cg_tol, cg_init, chunk_size=chunk_size)
+            dq = u
+        y = chunk_output(x_.detach(), k_, kb, h_kk, gc, chunk_size)
+        total = (o * do_).sum() - (y * u).sum()
+        for ht, dht in ((ht_kk, dht_kk), (ht_kv, dht_kv)):
+            if dht is not None:
+                total = total + (ht * dht.to(dt)).sum()
+        wrt = leaves + [s for s in states if s is not None]
+        grads = list(torch.autograd.grad(total, wrt, allow_unused=True))
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(wrt, grads)]
+    dk, dv, dg, dbeta = grads[:4]
+    rest = iter(grads[4:])
+    dh0_kk, dh0_kv = (None if s is None else next(rest) for s in states)
+    T = q.shape[1]
+    u, dq = u[:, :T], dq[:, :T]
+    dlamb = -(u * x.to(dt)).sum((0, 1))
+    return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
+
+
+def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, output_final_state,
+              cu_seqlens, chunk_indices, chunk_size):
+    from fla.ops.common.chunk_h import chunk_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    kb = k * beta[..., None].to(k.dtype)
+    h_kk, ht_kk = chunk_fwd_h(k=k, v=kb, g=gc, h0=h0_kk, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
+    if cg_steps == 0:
+        x = q.float()
+        iters = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device) if return_iters else None
+    else:
+        x, iters = chunk_cg_solve(q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters,
+                                  cu_seqlens, chunk_indices, chunk_size)
+    del h_kk
+    vb = v * beta[..., None].to(v.dtype)
+    h_kv, ht_kv = chunk_fwd_h(k=k, v=vb, g=gc, h0=h0_kv, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    o = chunk_fwd_o(q=x.to(k.dtype), k=k, v=vb, h=h_kv, g=gc, scale=1.0, cu_seqlens=cu_seqlens,
+                    chunk_size=chunk_size, chunk_indices=chunk_indices)
+    return o, ht_kk, ht_kv, x, iters
+
+
+def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init,
+              cu_seqlens, chunk_indices, chunk_size):
+    from fla.ops.common.chunk_h import chunk_fwd_h
+    from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    beta_k, beta_v = beta[..., None].to(k.dtype), beta[..., None].to(v.dtype)
+    kb, vb = k * beta_k, v * beta_v
+    xq = x.to(k.dtype)
+    gla = dict(g=gc, g_gamma=None, scale=1.0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
+    dx, dk_s, dvb, dg_s, dh0_kv = chunk_simple_gla_bwd(q=xq, k=k, v=vb, initial_state=h0_kv, do=do, dht=dht_kv, **gla)
+    if cg_steps == 0:
+        dq, u = dx.float(), None
+    else:
+        h_kk, _ = chunk_fwd_h(k=k, v=kb, g=gc, h0=h0_kk, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                              states_in_fp32=True)
+        u, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
+                              cu_seqlens, chunk_indices, chunk_size)
+        del h_kk
+        dq = u
+    dk = dk_s.float()
+    dbeta = (dvb.float() * v.float()).sum(-1)
+    dg = dg_s.float()
+    dh0_kk = None
+    if u is not None or dht_kk is not None:
+        dy = torch.zeros_like(xq) if u is None else (-u).to(k.dtype)
+        _, dk_h, dkb, dg_h, dh0_kk = chunk_simple_gla_bwd(q=xq, k=k, v=kb, initial_state=h0_kk, do=dy, dht=dht_kk, **gla)
+        dk += dk_h.float() + beta[..., None].float() * dkb.float()
+        dbeta += (dkb.float() * k.float()).sum(-1)
+        dg += dg_h.float()
+    dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    dv = dvb.float() * beta[..., None].float()
+    dlamb = torch.zeros_like(lamb, dtype=torch.float32) if u is None else -(u * x).sum((0, 1))
+    return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
+
+
+class ChunkMesaFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, output_final_state,
+                return_iters, cu_seqlens, chunk_size):
+        if q.is_cuda:
+            from fla.ops.utils import prepare_chunk_indices
+            q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
+            chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
+            with torch.cuda.device(q.device):
+                o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
+                                                      return_iters, output_final_state, cu_seqlens, chunk_indices,
+                                                      chunk_size)
+        else:
+            chunk_indices = None
+            o, ht_kk, ht_kv, x, iters = _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
+                                                   return_iters, chunk_size)
+        ctx.save_for_backward(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices)
+        ctx.opts = (cg_steps, cg_tol, cg_init, chunk_size)
+        ctx.mark_non_differentiable(*([iters] if iters is not None else []))
+        if not output_final_state:
+            ht_kk = ht_kv = None
+        return o.to(v.dtype), ht_kk, ht_kv, iters
+
+    @staticmethod
+    def backward(ctx, do, dht_kk, dht_kv, _):
+        q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices = ctx.saved_tensors
+        cg_steps, cg_tol, cg_init, chunk_size = ctx.opts
+        if q.is_cuda:
+            with torch.cuda.device(q.device):
+                grads = _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do.contiguous(), dht_kk, dht_kv, cg_steps,
+                                  cg_tol, cg_init, cu_seqlens, chunk_indices, chunk_size)
+        else:
+            grads = _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol,
+                               cg_init, chunk_size)
+        dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv = grads
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+                dlamb.to(lamb.dtype), None if dh0_kk is None else dh0_kk.to(h0_kk.dtype),
+                None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), None, None, None, None, None, None, None)
+
+
+def _split_varlen(t, bounds):
+    """`[1, T, ...]` packed sequences -> `[N, max_len, ...]`, zero-padded at the end."""
+    return pad_sequence([t[0, s:e] for s, e in zip(bounds, bounds[1:])], batch_first=True)
+
+
+def _join_varlen(t, bounds):
+    return torch.cat([t[n, :e - s] for n, (s, e) in enumerate(zip(bounds, bounds[1:]))])[None]
+
+
+@torch.compiler.disable
+def chunk_mesa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lamb: torch.Tensor,
+    cg_steps: int = 30,
+    cg_tol: float | None = None,
+    cg_init: str = 'jacobi',
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+    return_cg_iters: bool = False,
+    chunk_size: int = 64,
+):
+    r"""The Mesa layer's sequence op: o_t = S_t^T (H_t + diag(lamb))^{-1} q_t, chunked.
+
+    H_t = exp(g_t) H_{t-1} + beta_t k_t k_t^T and S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T (S_t = G_t^T of
+    the paper). The solve is `cg_steps` iterations of conjugate gradient per token (all tokens at once);
+    gradients are those of the exact solve (implicit differentiation), so they are exact once CG converged.
+
+    Args:
+        q (torch.Tensor): queries `[B, T, H, K]`; float32, bfloat16, float16 (or float64 off CUDA).
+        k (torch.Tensor): keys `[B, T, H, K]`, L2-normalised (or pass `use_qk_l2norm_in_kernel=True`).
+        v (torch.Tensor): values `[B, T, H, V]`. q, k and v share one dtype.
+        g (torch.Tensor): log forget gate `[B, T, H]`, every entry <= 0; float32 recommended.
+        beta (torch.Tensor): input gate `[B, T, H]`, in (0, 1).
+        lamb (torch.Tensor): the regulariser diag(lamb) `[H, K]`, every entry > 0.
+        cg_steps (int): CG iterations, or the cap on them when `cg_tol` is set. 0 gives gated linear
+            attention (x = q). Default: 30, as in the paper.
+        cg_tol (float | None): stop a chunk of tokens once each has ||r_k|| <= cg_tol * ||r_0|| (the paper's
+            rule; r_0 is the residual of the start). Default: None (always `cg_steps` iterations).
+        cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`.
+        initial_state (tuple | None): `(h_kk [N, H, K, K], h_kv [N, H, K, V])`, N = B, or the number of
+            sequences with `cu_seqlens`.
+        output_final_state (bool): also return the final state, in the same format.
+        cu_seqlens (torch.LongTensor | None): `[N + 1]` offsets of packed sequences; needs B = 1.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k inside the op (fla's `l2norm` on CUDA).
+        return_cg_iters (bool): also return the CG iterations each token ran before meeting `cg_tol`
+            (int32 `[B, T, H]`; every token gets `cg_steps` without a tolerance).
+        chunk_size (int): tokens per chunk, 16, 32 or 64 on CUDA. Default: 64.
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]` in v's dtype.
+        final_state (tuple | None): `(h_kk, h_kv)`, float32 (float64 for float64 inputs), if `output_final_state`.
+        cg_iters (torch.Tensor): only if `return_cg_iters`.
+
+    Precision: the H chunk states and every CG vector (x, r, p, residual norms) are float32 whatever the
+    input dtype (float64 for float64 inputs off CUDA); on CUDA the G chunk states are kept in the input
+    dtype and the solution x enters the output product in it; final states are float32.
+    """
+    B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
+    if chunk_size not in (16, 32, 64) and (q.is_cuda or chunk_size < 1 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"`chunk_size`: expected 16, 32 or 64 (a power of two off CUDA), got {chunk_size}")
+    if use_qk_l2norm_in_kernel:
+        if q.is_cuda:
+            from fla.modules.l2norm import l2norm as fla_l2norm
+            q, k = fla_l2norm(q), fla_l2norm(k)
+        else:
+            q, k = l2norm(q), l2norm(k)
+    h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    if cu_seqlens is not None and not q.is_cuda:
+        bounds = cu_seqlens.tolist()
+        split = [_split_varlen(t, bounds) for t in (q, k, v, g, beta)]
+        o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(*split, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
+                                                          output_final_state, return_cg_iters, None, chunk_size)
+        o = _join_varlen(o, bounds)
+        iters = None if iters is None else _join_varlen(iters, bounds)
+    else:
+        o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol,
+                                                          cg_init, output_final_state, return_cg_iters, cu_seqlens,
+                                                          chunk_size)
+    final_state = (ht_kk, ht_kv) if output_final_state else None
+    if return_cg_iters:
+        return o, final_state, iters
+    return o, final_state
