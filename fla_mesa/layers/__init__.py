@@ -1,0 +1,3 @@
+from fla_mesa.layers.mesa import MesaAttention
+
+__all__ = ['MesaAttention']
