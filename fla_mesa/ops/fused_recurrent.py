@@ -269,6 +269,7 @@ def fused_recurrent_mesa_fwd_torch(
     the compute dtype.
     """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o_dtype = v.dtype
     B, T, H, K = q.shape
     V = v.shape[-1]
     q, k, v, g, beta, lamb = (x.to(dtype) for x in (q, k, v, g, beta, lamb))
@@ -338,7 +339,7 @@ def fused_recurrent_mesa_fwd_torch(
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(N, 0, H, V)
     if cu_seqlens is not None:
         o = o[valid][None]
-    return o.to(v.dtype), (h_kk, h_kv)
+    return o.to(o_dtype), (h_kk, h_kv)
 
 
 class FusedRecurrentMesaFunction(torch.autograd.Function):
