@@ -27,8 +27,10 @@ def fused_recurrent_mesa_fwd_kernel(
     beta,
     lamb,
     o,
-    h_kk,
-    h_kv,
+    h0_kk,
+    h0_kv,
+    ht_kk,
+    ht_kv,
     cu_seqlens,
     T,
     cg_steps,
@@ -40,13 +42,16 @@ def fused_recurrent_mesa_fwd_kernel(
     BC: tl.constexpr,
     BV: tl.constexpr,
     CG_INIT: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
     USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    # one program per (sequence, head). The states h_kk [K, K] and h_kv [K, V] (float32) are read from and
-    # written back to the same buffers, which hold the initial state on entry and the final state on exit.
+    # one program per (sequence, head), looping over the tokens of its sequence. The states h_kk [K, K] and
+    # h_kv [K, V] are float32 in the output buffers ht_*; the first token reads the initial state h0_* (any
+    # float dtype) instead, so h0 is read once and never copied.
     # NB == 1 (K <= 128): h_kk stays in registers as one [BK, BK] tile for all tokens and CG iterations.
-    # NB > 1 (K = 256): h_kk is streamed through the state buffer (L2-resident) in [BC, BK] row blocks.
+    # NB > 1 (K in (128, 256]): h_kk is streamed through ht_kk (L2-resident) in [BC, BK] row blocks, once for
+    # its update and once per CG iteration.
     # h_kv is streamed once per token in [BK, BV] tiles: its update, the readout o = h_kv^T x, the store.
     # CG_INIT: 0 = no CG (x = q, cg_steps == 0), 1 = Jacobi start, 2 = zero start.
     NB: tl.constexpr = BK // BC
@@ -66,11 +71,16 @@ def fused_recurrent_mesa_fwd_kernel(
 
     # padded lanes get lamb = 1 so that the Jacobi start is 0 there (not 0/0) and x, r, p stay 0
     b_lamb = tl.load(lamb + i_h * K + o_k, mask=mask_k, other=1.).to(tl.float32)
-    p_hkk = h_kk + i_nh * K * K
-    p_hkv = h_kv + i_nh * K * V
+    p_hkk = ht_kk + i_nh * K * K
+    p_hkv = ht_kv + i_nh * K * V
+    if USE_INITIAL_STATE:
+        p_h0kk = h0_kk + i_nh * K * K
+        p_h0kv = h0_kv + i_nh * K * V
     if NB == 1:
         mask_kk = mask_k[:, None] & mask_k[None, :]
-        b_hkk = tl.load(p_hkk + o_k[:, None] * K + o_k[None, :], mask=mask_kk, other=0.)
+        b_hkk = tl.zeros([BK, BK], dtype=tl.float32)
+        if USE_INITIAL_STATE:
+            b_hkk += tl.load(p_h0kk + o_k[:, None] * K + o_k[None, :], mask=mask_kk, other=0.).to(tl.float32)
 
     for i_t in range(0, T):
         i_tok = bos + i_t
@@ -100,7 +110,11 @@ def fused_recurrent_mesa_fwd_kernel(
                 m_rk = m_r[:, None] & mask_k[None, :]
                 b_kr = tl.load(k + (i_tok * H + i_h) * K + o_r, mask=m_r, other=0.).to(tl.float32) * b_rk
                 p_blk = p_hkk + o_r[:, None] * K + o_k[None, :]
-                b_blk = tl.load(p_blk, mask=m_rk, other=0.)
+                # the previous token's H from ht, or the initial state for the first token
+                b_blk = tl.load(p_blk, mask=m_rk & (i_t > 0), other=0.)
+                if USE_INITIAL_STATE:
+                    b_blk += tl.load(p_h0kk + o_r[:, None] * K + o_k[None, :], mask=m_rk & (i_t == 0),
+                                     other=0.).to(tl.float32)
                 b_blk = b_blk * b_decay + (b_beta * b_kr)[:, None] * b_k[None, :]
                 tl.store(p_blk, b_blk, mask=m_rk)
                 b_diag += tl.sum(tl.where(o_r[:, None] == o_k[None, :], b_blk, 0.), 0)
@@ -163,7 +177,10 @@ def fused_recurrent_mesa_fwd_kernel(
             m_kv = mask_k[:, None] & m_v[None, :]
             b_v = tl.load(v + (i_tok * H + i_h) * V + o_vv, mask=m_v, other=0.).to(tl.float32)
             p_s = p_hkv + o_k[:, None] * V + o_vv[None, :]
-            b_s = tl.load(p_s, mask=m_kv, other=0.)
+            b_s = tl.load(p_s, mask=m_kv & (i_t > 0), other=0.)
+            if USE_INITIAL_STATE:
+                b_s += tl.load(p_h0kv + o_k[:, None] * V + o_vv[None, :], mask=m_kv & (i_t == 0),
+                               other=0.).to(tl.float32)
             b_s = b_s * b_decay + b_bk[:, None] * b_v[None, :]
             tl.store(p_s, b_s, mask=m_kv)
             b_o = tl.sum(b_s * b_x[:, None], 0)
@@ -171,6 +188,23 @@ def fused_recurrent_mesa_fwd_kernel(
 
     if NB == 1:
         tl.store(p_hkk + o_k[:, None] * K + o_k[None, :], b_hkk, mask=mask_kk)
+    if T == 0:
+        # an empty sequence: the final state is the initial one (or zeros)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_vv = i_v * BV + o_v
+            m_kv = mask_k[:, None] & (o_vv < V)[None, :]
+            b_s = tl.zeros([BK, BV], dtype=tl.float32)
+            if USE_INITIAL_STATE:
+                b_s += tl.load(p_h0kv + o_k[:, None] * V + o_vv[None, :], mask=m_kv, other=0.).to(tl.float32)
+            tl.store(p_hkv + o_k[:, None] * V + o_vv[None, :], b_s, mask=m_kv)
+        if NB > 1:
+            for i_b in range(NB):
+                o_r = i_b * BC + o_c
+                m_rk = (o_r < K)[:, None] & mask_k[None, :]
+                b_blk = tl.zeros([BC, BK], dtype=tl.float32)
+                if USE_INITIAL_STATE:
+                    b_blk += tl.load(p_h0kk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+                tl.store(p_hkk + o_r[:, None] * K + o_k[None, :], b_blk, mask=m_rk)
 
 
 def fused_recurrent_mesa_fwd_triton(
@@ -195,13 +229,11 @@ def fused_recurrent_mesa_fwd_triton(
     V = v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     q, k, v, g, beta, lamb = (x.contiguous() for x in (q, k, v, g, beta, lamb))
-    # the state buffers are updated in place by the kernel: they start as (a float32 copy of) the initial state
-    if initial_state is None:
-        h_kk = q.new_zeros(N, H, K, K, dtype=torch.float32)
-        h_kv = q.new_zeros(N, H, K, V, dtype=torch.float32)
-    else:
-        h_kk = initial_state[0].to(device=q.device, dtype=torch.float32, copy=True).contiguous()
-        h_kv = initial_state[1].to(device=q.device, dtype=torch.float32, copy=True).contiguous()
+    # the kernel reads the initial state as it is (any float dtype) and writes the float32 final state, which it
+    # also uses as its working state (always allocated: the kernel needs it)
+    h0_kk, h0_kv = (None, None) if initial_state is None else (s.contiguous() for s in initial_state)
+    h_kk = q.new_empty(N, H, K, K, dtype=torch.float32)
+    h_kv = q.new_empty(N, H, K, V, dtype=torch.float32)
     o = torch.empty_like(v)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device).contiguous()
@@ -220,8 +252,10 @@ def fused_recurrent_mesa_fwd_triton(
             beta=beta,
             lamb=lamb,
             o=o,
-            h_kk=h_kk,
-            h_kv=h_kv,
+            h0_kk=h0_kk,
+            h0_kv=h0_kv,
+            ht_kk=h_kk,
+            ht_kv=h_kv,
             cu_seqlens=cu_seqlens,
             T=T,
             cg_steps=cg_steps,
@@ -233,6 +267,7 @@ def fused_recurrent_mesa_fwd_triton(
             BC=BC,
             BV=BV,
             CG_INIT=init,
+            USE_INITIAL_STATE=initial_state is not None,
             USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
             IS_VARLEN=cu_seqlens is not None,
             num_warps=4 if BK <= 64 else 8,

@@ -344,6 +344,8 @@ INTERPRETER_CASES = [
      dict(cg_steps=20, cg_tol=0.1, use_qk_l2norm_in_kernel=True)),
     ('varlen_fp16', (1, 5, 2, 16, 16), 'float16', dict(cg_steps=8, cu_seqlens=[0, 2, 2, 5])),
     ('bf16', (2, 2, 2, 32, 64), 'bfloat16', dict(cg_steps=8, cg_init='zero')),
+    ('k200_varlen_empty', (1, 2, 1, 200, 24), 'float32', dict(cg_steps=3, cu_seqlens=[0, 0, 2])),
+    ('varlen_empty_no_state', (1, 2, 2, 16, 8), 'float32', dict(cg_steps=3, cu_seqlens=[0, 2, 2], h0=False)),
 ]
 
 
@@ -368,7 +370,7 @@ def run_interpreter_cases():
     return results
 
 
-INTERPRETER_TOL = {'float32': 1e-4, 'float16': 2e-3, 'bfloat16': 1.5e-2}
+INTERPRETER_TOL = {'float32': 1e-5, 'float16': 2e-3, 'bfloat16': 1.5e-2}
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the real kernel runs in the gpu tests")
@@ -385,7 +387,7 @@ def test_triton_kernel_under_interpreter():
         tol = INTERPRETER_TOL[r['dtype']]
         assert r['finite'], r
         assert r['o_dtype'] == r['dtype'] and r['state_dtype'] == 'float32', r
-        assert r['o'] <= tol and r['h_kk'] <= 1e-5 and r['h_kv'] <= 1e-5, r
+        assert r['o'] <= tol and r['h_kk'] <= 1e-6 and r['h_kv'] <= 1e-6, r
 
 
 # ----------------------------------------------------------------------------------------------------------
