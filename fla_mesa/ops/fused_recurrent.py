@@ -207,6 +207,18 @@ def fused_recurrent_mesa_fwd_kernel(
                 tl.store(p_hkk + o_r[:, None] * K + o_k[None, :], b_blk, mask=m_rk)
 
 
+def kernel_config(K: int, V: int) -> tuple[int, int, int, int]:
+    """Tile sizes and warps of the kernel for head dims K, V (<= 256): (BK, BC, BV, num_warps).
+
+    h_kk is one [BK, BK] register tile up to K = 128 (BC = BK), else row blocks of BC = 32 rows streamed
+    through L2; h_kv tiles are [BK, BV] with BK * BV <= 8192.
+    """
+    BK = max(triton.next_power_of_2(K), 16)
+    BC = BK if BK <= 128 else 32
+    BV = min(max(triton.next_power_of_2(V), 16), max(8192 // BK, 16))
+    return BK, BC, BV, 4 if BK <= 64 else 8
+
+
 def fused_recurrent_mesa_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,10 +250,7 @@ def fused_recurrent_mesa_fwd_triton(
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device).contiguous()
 
-    BK = max(triton.next_power_of_2(K), 16)
-    # one [BK, BK] register tile up to K = 128, row blocks of 32 rows (through L2) above
-    BC = BK if BK <= 128 else 32
-    BV = min(max(triton.next_power_of_2(V), 16), max(8192 // BK, 16))
+    BK, BC, BV, num_warps = kernel_config(K, V)
     init = 0 if cg_steps == 0 else {'jacobi': 1, 'zero': 2}[cg_init]
     with torch.cuda.device(q.device.index) if q.is_cuda else _nullcontext():
         fused_recurrent_mesa_fwd_kernel[(N * H,)](
@@ -270,7 +279,7 @@ def fused_recurrent_mesa_fwd_triton(
             USE_INITIAL_STATE=initial_state is not None,
             USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
             IS_VARLEN=cu_seqlens is not None,
-            num_warps=4 if BK <= 64 else 8,
+            num_warps=num_warps,
             num_stages=1,
         )
     return o, (h_kk, h_kv)
