@@ -34,6 +34,18 @@ def build_softmax_attention(config: MesaConfig, layer_idx: int) -> nn.Module | N
         ) from e
 
 
+def _take_cache_kwarg(kwargs: dict) -> dict:
+    """transformers >= 5.2x passes the cache as `cache` (`past_key_values` is its deprecated name); fla's models and
+    layers read `past_key_values`. Without this, `generate()` would silently restart from an empty state each step."""
+    cache = kwargs.pop('cache', None)
+    if cache is not None:
+        past = kwargs.get('past_key_values')
+        if past is not None and past is not cache:
+            raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
+        kwargs['past_key_values'] = cache
+    return kwargs
+
+
 class MesaBlock(GradientCheckpointingLayer):
     """Pre-norm block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`; the mixer is `MesaAttention`, or fla's softmax
     `Attention` for the layers listed in `config.attn` (CUDA + flash-attn only)."""
@@ -144,6 +156,11 @@ class MesaModel(MesaPreTrainedModel, FLAModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None, **kwargs):
+        kwargs = _take_cache_kwarg(dict(kwargs, past_key_values=past_key_values))
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               **kwargs)
+
 
 class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGenerationMixin):
     """MesaNet language model. `config.final_logit_softcapping` caps the logits (`cap * tanh(logits / cap)`) before
@@ -158,6 +175,12 @@ class MesaForCausalLM(MesaPreTrainedModel, FLAForCausalLM, FLAUnsupportedCacheGe
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.criterion = None
         self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None, labels=None,
+                **kwargs):
+        kwargs = _take_cache_kwarg(dict(kwargs, past_key_values=past_key_values))
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, **kwargs)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
