@@ -106,6 +106,23 @@ def test_prefill_then_decoding_matches_full_forward():
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('left', [True, False])
+def test_padded_batch_matches_each_sequence_alone(left):
+    model = tiny_model().eval()
+    a, b = torch.randint(2, V, (1, 9)), torch.randint(2, V, (1, 5))
+    filler = torch.full((1, 4), model.config.pad_token_id)
+    ids = torch.cat([a, torch.cat([filler, b] if left else [b, filler], 1)])
+    mask = torch.ones_like(ids)
+    if left:
+        mask[1, :4] = 0
+    else:
+        mask[1, 5:] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits[0], model(a).logits[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[1, mask[1].bool()], model(b).logits[0], rtol=1e-5, atol=1e-5)
+
+
 def greedy_by_recomputation(model, ids, n):
     with torch.no_grad():
         for _ in range(n):
@@ -245,4 +262,5 @@ def test_cuda_float32_logits_match_cpu():
     with torch.no_grad():
         ref = model(ids).logits
         out = model.cuda()(ids.cuda()).logits
-    torch.testing.assert_close(out.cpu(), ref, rtol=2e-3, atol=2e-3)
+    # the CUDA kernels may multiply float32 in TF32 (10-bit mantissa)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-2, atol=1e-2)
