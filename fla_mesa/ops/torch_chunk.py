@@ -46,7 +46,7 @@ def chunk_states(k, v, gc, h0, chunk_size):
     for n in range(NT):
         states.append(h)
         h = g_last[:, n, :, None, None].exp() * h + contrib[:, n]
-    return torch.stack(states, dim=1), h
+    return (torch.stack(states, dim=1) if states else k.new_zeros(B, 0, H, K, V)), h
 
 
 def chunk_output(q, k, v, h, gc, chunk_size):

@@ -1,0 +1,53 @@
+"""Random Mesa inputs for the op tests: gate and lambda regimes the properties must hold across."""
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+# log forget gate g: near 0 (gamma ~ 1, long memory), moderate, or very negative (gamma ~ 0)
+GATE_RANGES = {'keep': (-1e-3, 0.0), 'mid': (-1.0, -0.01), 'forget': (-20.0, -5.0)}
+# input gate beta near 0, anywhere, or near 1
+BETA_RANGES = {'low': (0.0, 0.05), 'any': (0.0, 1.0), 'high': (0.95, 1.0)}
+
+
+def make_inputs(B, T, H, K, V, gate='mid', beta_range='any', lamb_range=(0.3, 3.0), initial_state=False,
+                dtype=torch.float64, device='cpu', seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(shape, lo, hi):
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
+
+    q = torch.randn(B, T, H, K, generator=gen, dtype=torch.float64)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    g = uniform((B, T, H), *GATE_RANGES[gate])
+    beta = uniform((B, T, H), *BETA_RANGES[beta_range])
+    lo, hi = lamb_range
+    lamb = torch.exp(uniform((H, K), torch.log(torch.tensor(lo)).item(), torch.log(torch.tensor(hi)).item()))
+    state = None
+    if initial_state:
+        a = torch.randn(B, H, K, K, generator=gen, dtype=torch.float64) / K ** 0.5
+        state = (a @ a.transpose(-1, -2), torch.randn(B, H, K, V, generator=gen, dtype=torch.float64))
+    cast = dict(device=device)
+    q, k, v = (t.to(dtype=dtype, **cast) for t in (q, k, v))
+    g, beta, lamb = (t.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32, **cast) for t in (g, beta, lamb))
+    if state is not None:
+        state = tuple(s.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32, **cast) for s in state)
+    return q, k, v, g, beta, lamb, state
+
+
+def rel(a, b):
+    """Relative error of a against the reference b, in the Frobenius norm."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@st.composite
+def shapes(draw, max_T=70):
+    return dict(
+        B=draw(st.integers(1, 2)),
+        T=draw(st.integers(1, max_T)),
+        H=draw(st.integers(1, 2)),
+        K=draw(st.sampled_from([4, 8, 16])),
+        V=draw(st.sampled_from([3, 8])),
+    )
