@@ -31,6 +31,7 @@ def fused_recurrent_mesa_fwd_kernel(
     h0_kv,
     ht_kk,
     ht_kv,
+    iters,
     cu_seqlens,
     T,
     cg_steps,
@@ -45,6 +46,7 @@ def fused_recurrent_mesa_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr,
     USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    STORE_ITERS: tl.constexpr,
 ):
     # one program per (sequence, head), looping over the tokens of its sequence. The states h_kk [K, K] and
     # h_kv [K, V] are float32 in the output buffers ht_*; the first token reads the initial state h0_* (any
@@ -169,6 +171,8 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_p = b_r + tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.) * b_p
                 b_rs = b_rs_new
                 i_it += 1
+            if STORE_ITERS:
+                tl.store(iters + i_tok * H + i_h, i_it)
 
         # ---- S_t = exp(g) S_{t-1} + beta k v^T and o_t = S_t^T x, tiled over V
         for i_v in range(tl.cdiv(V, BV)):
@@ -232,8 +236,10 @@ def fused_recurrent_mesa_fwd_triton(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The Triton path (inputs already checked). Returns o (v's dtype) and the float32 final state.
+    return_cg_iters: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    """The Triton path (inputs already checked). Returns o (v's dtype), the float32 final state and the
+    CG iteration counts (int32 `[B, T, H]`, or None).
 
     Runs on CPU tensors too when Triton's interpreter is on (`TRITON_INTERPRET=1` before triton is imported).
     """
@@ -249,6 +255,12 @@ def fused_recurrent_mesa_fwd_triton(
     o = torch.empty_like(v)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device).contiguous()
+    # without a tolerance every token runs cg_steps iterations (an exactly zero residual ending it sooner
+    # changes nothing), as chunk_mesa counts them
+    iters = None
+    store_iters = return_cg_iters and cg_tol is not None and cg_steps > 0
+    if return_cg_iters:
+        iters = torch.full((B, T, H), 0 if store_iters else cg_steps, dtype=torch.int32, device=q.device)
 
     BK, BC, BV, num_warps = kernel_config(K, V)
     init = 0 if cg_steps == 0 else {'jacobi': 1, 'zero': 2}[cg_init]
@@ -265,6 +277,7 @@ def fused_recurrent_mesa_fwd_triton(
             h0_kv=h0_kv,
             ht_kk=h_kk,
             ht_kv=h_kv,
+            iters=iters if store_iters else None,
             cu_seqlens=cu_seqlens,
             T=T,
             cg_steps=cg_steps,
@@ -279,10 +292,11 @@ def fused_recurrent_mesa_fwd_triton(
             USE_INITIAL_STATE=initial_state is not None,
             USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
             IS_VARLEN=cu_seqlens is not None,
+            STORE_ITERS=store_iters,
             num_warps=num_warps,
             num_stages=1,
         )
-    return o, (h_kk, h_kv)
+    return o, (h_kk, h_kv), iters
 
 
 class _nullcontext:
@@ -306,11 +320,12 @@ def fused_recurrent_mesa_fwd_torch(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    return_cg_iters: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """The PyTorch path (inputs already checked), batched over sequences and heads.
 
-    Computes in float64 for float64 inputs, else in float32. Returns o (v's dtype) and the final state in
-    the compute dtype.
+    Computes in float64 for float64 inputs, else in float32. Returns o (v's dtype), the final state in
+    the compute dtype and the CG iteration counts (int32 `[B, T, H]`, or None).
     """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o_dtype = v.dtype
@@ -341,7 +356,7 @@ def fused_recurrent_mesa_fwd_torch(
         h_kk, h_kv = (s.to(device=q.device, dtype=dtype, copy=True) for s in initial_state)
 
     tol2 = 0. if cg_tol is None else float(cg_tol) ** 2
-    outs = []
+    outs, counts = [], []
     for t in range(T_pad):
         decay = g[:, t].exp()[..., None, None]
         bk = beta[:, t, :, None] * k[:, t]
@@ -353,6 +368,7 @@ def fused_recurrent_mesa_fwd_torch(
             # H_t^T p, as fla reads a [K, K] state (H_t is symmetric up to rounding), like the references
             return torch.einsum('nhji,nhj->nhi', h_kk, p) + lamb * p
 
+        count = torch.full(b.shape[:-1], cg_steps, dtype=torch.int32, device=b.device)
         if cg_steps == 0:
             x = b
         else:
@@ -365,11 +381,15 @@ def fused_recurrent_mesa_fwd_torch(
             p = r
             rs = (r * r).sum(-1, keepdim=True)
             thresh = tol2 * rs
+            if cg_tol is not None:
+                count.zero_()
             for _ in range(cg_steps):
                 # a (sequence, head) whose residual reached the tolerance (or 0) keeps its x from here on
                 active = rs > thresh
                 if not bool(active.any()):
                     break
+                if cg_tol is not None:
+                    count += active[..., 0].int()
                 ap = matvec(p)
                 pap = (p * ap).sum(-1, keepdim=True)
                 alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)
@@ -380,32 +400,38 @@ def fused_recurrent_mesa_fwd_torch(
                 p = torch.where(active, p_new, p)
                 rs = torch.where(active, rs_new, rs)
         outs.append(torch.einsum('nhk,nhkv->nhv', x, h_kv))
+        counts.append(count)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(N, 0, H, V)
+    iters = torch.stack(counts, dim=1) if counts else torch.zeros(N, 0, H, dtype=torch.int32, device=q.device)
     if cu_seqlens is not None:
-        o = o[valid][None]
-    return o.to(o_dtype), (h_kk, h_kv)
+        o, iters = o[valid][None], iters[valid][None]
+    return o.to(o_dtype), (h_kk, h_kv), (iters if return_cg_iters else None)
 
 
 class FusedRecurrentMesaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens,
-                use_qk_l2norm_in_kernel):
+                use_qk_l2norm_in_kernel, return_cg_iters):
         fwd = fused_recurrent_mesa_fwd_triton if q.is_cuda else fused_recurrent_mesa_fwd_torch
-        o, (h_kk, h_kv) = fwd(
+        o, (h_kk, h_kv), iters = fwd(
             q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, cg_steps=cg_steps, cg_tol=cg_tol, cg_init=cg_init,
             initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            return_cg_iters=return_cg_iters,
         )
-        return o, h_kk, h_kv
+        if iters is not None:
+            ctx.mark_non_differentiable(iters)
+        return o, h_kk, h_kv, iters
 
     @staticmethod
-    def backward(ctx, do, dh_kk, dh_kv):
+    def backward(ctx, do, dh_kk, dh_kv, diters):
         raise NotImplementedError(
             "`fused_recurrent_mesa` is the inference (decoding) path and has no backward; "
             "train with `chunk_mesa`, or run decoding under `torch.no_grad()`.",
         )
 
 
+@torch.compiler.disable
 def fused_recurrent_mesa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -420,7 +446,8 @@ def fused_recurrent_mesa(
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    return_cg_iters: bool = False,
+):
     r"""
     Mesa, token by token: the decoding path (forward only, for inference).
 
@@ -458,7 +485,10 @@ def fused_recurrent_mesa(
             Cumulative sequence lengths of shape `[N+1]` used for variable-length inputs (batch size 1),
             consistent with the FlashAttention API.
         use_qk_l2norm_in_kernel (Optional[bool]):
-            Whether to l2-normalise q and k (over K) in the kernel. Default: `False`.
+            Whether to l2-normalise q and k (over K) in the kernel (fla's `l2norm`). Default: `False`.
+        return_cg_iters (bool):
+            also return the CG iterations each token ran before meeting `cg_tol` (int32 `[B, T, H]`; every
+            token gets `cg_steps` without a tolerance, as in `chunk_mesa`). Default: `False`.
 
     Returns:
         o (torch.Tensor):
@@ -466,6 +496,8 @@ def fused_recurrent_mesa(
         final_state (Optional[Tuple[torch.Tensor, torch.Tensor]]):
             `(h_kk [N, H, K, K], h_kv [N, H, K, V])` in float32 (float64 for float64 inputs on the CPU) if
             `output_final_state=True` else `None`.
+        cg_iters (torch.Tensor):
+            only if `return_cg_iters`.
 
     Notes:
         CUDA runs a Triton kernel (float32 compute for every input dtype; float64 inputs are refused there);
@@ -489,7 +521,11 @@ def fused_recurrent_mesa(
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
     if initial_state is not None:
         initial_state = tuple(initial_state)
-    o, h_kk, h_kv = FusedRecurrentMesaFunction.apply(
+    o, h_kk, h_kv, iters = FusedRecurrentMesaFunction.apply(
         q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
+        return_cg_iters,
     )
-    return o, ((h_kk, h_kv) if output_final_state else None)
+    final_state = (h_kk, h_kv) if output_final_state else None
+    if return_cg_iters:
+        return o, final_state, iters
+    return o, final_state
