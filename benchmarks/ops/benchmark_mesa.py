@@ -1,0 +1,134 @@
+"""Times chunk_mesa beside fla's chunk_mesa_net, chunk_simple_gla and chunk_gated_delta_rule (one GPU).
+
+Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64]
+Prints, per head dim, forward and forward+backward medians (triton.testing.do_bench), our time over
+fla's MesaNet at equal CG steps, peak memory of forward+backward, the output error against a float64
+exact solve for fixed steps and tolerances, and decoding tokens/s. Ratios within one run are what to quote.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa, naive_recurrent_mesa
+
+
+def inputs(B, T, H, D, requires_grad, seed=0):
+    gen = torch.Generator(device='cuda').manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, device='cuda')
+
+    q = F.normalize(randn(B, T, H, D), dim=-1).bfloat16()
+    k = F.normalize(randn(B, T, H, D), dim=-1).bfloat16()
+    v = randn(B, T, H, D).bfloat16()
+    g = F.logsigmoid(randn(B, T, H) + 4.0)          # gamma mostly in (0.95, 1): long memory, hard solves
+    beta = torch.sigmoid(randn(B, T, H))
+    lamb = torch.ones(H, D, device='cuda')
+    ts = [q, k, v, g, beta, lamb]
+    return [t.requires_grad_(requires_grad) for t in ts]
+
+
+def timed(fn, args, backward):
+    def run():
+        out = fn(*args)
+        if backward:
+            out.backward(torch.ones_like(out))
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    return do_bench(run, warmup=25, rep=100), peak
+
+
+def ops(steps):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.mesa_net import chunk_mesa_net
+    from fla.ops.simple_gla import chunk_simple_gla
+    return {
+        f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
+        f'chunk_mesa, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa(q, k, v, g, b, l, cg_steps=steps)[0],
+    }, {
+        'fla chunk_simple_gla': lambda q, k, v, g, b, l: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
+        'fla chunk_gated_delta_rule': lambda q, k, v, g, b, l: chunk_gated_delta_rule(q, k, v, g, b.to(q.dtype))[0],
+        'chunk_mesa, 0 CG (GLA)': lambda q, k, v, g, b, l: chunk_mesa(q, k, v, g, b, l, cg_steps=0)[0],
+    }
+
+
+def accuracy(D, H=4, T=2048, tols=(1e-2, 3e-3, 1e-3, 1e-4)):
+    """Relative error of o against a float64 exact solve, and mean CG iterations, on one sequence."""
+    from fla.ops.mesa_net import chunk_mesa_net
+    q, k, v, g, beta, lamb = [t.detach() for t in inputs(1, T, H, D, False, seed=1)]
+    ref, _ = naive_recurrent_mesa(*(t.double() for t in (q, k, v, g, beta, lamb)))
+
+    def err(o):
+        return ((o.double() - ref).norm() / ref.norm()).item()
+
+    rows = [('bf16 rounding of the exact output', err(ref.bfloat16()), None)]
+    for steps in (10, 30):
+        rows.append((f'fla chunk_mesa_net, {steps} CG', err(chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps)[0]), steps))
+        rows.append((f'chunk_mesa, {steps} CG', err(chunk_mesa(q, k, v, g, beta, lamb, cg_steps=steps)[0]), steps))
+    for tol in tols:
+        o, _, it = chunk_mesa(q, k, v, g, beta, lamb, cg_steps=30, cg_tol=tol, return_cg_iters=True)
+        rows.append((f'chunk_mesa, cg_tol={tol:g}', err(o), it.float().mean().item()))
+    return rows
+
+
+def decode(D, H=16, batches=(1, 64), steps=30):
+    from fla.ops.mesa_net import mesa_net_decoding_one_step
+    rows = []
+    for B in batches:
+        q, k, v, g, beta, lamb = [t.detach() for t in inputs(B, 1, H, D, False, seed=2)]
+        a = torch.randn(B, H, D, D, device='cuda') / D
+        h_kk, h_kv = a @ a.mT, torch.randn(B, H, D, D, device='cuda')
+        t_fla = do_bench(lambda: mesa_net_decoding_one_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], lamb, beta[:, 0],
+                                                            h_kk, h_kv, max_CG_iteration=steps))
+        t_ours = do_bench(lambda: fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_steps=steps,
+                                                       initial_state=(h_kk, h_kv), output_final_state=True))
+        rows.append((B, B / t_fla * 1e3, B / t_ours * 1e3))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--B', type=int, default=8)
+    p.add_argument('--T', type=int, default=2048)
+    p.add_argument('--H', type=int, default=16)
+    p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    args = p.parse_args()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.B} T={args.T} H={args.H} bf16")
+    for D in args.dims:
+        print(f"\n## D = {D}\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
+        times = {}
+        for steps in (30, 10):
+            mesa, _ = ops(steps)
+            for name, fn in mesa.items():
+                f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
+                fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+                times[name] = (f, fb)
+                print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
+        for name, fn in ops(0)[1].items():
+            f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
+            fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+            print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
+        print("\n| ratio ours / fla chunk_mesa_net | fwd | fwd+bwd |\n|---|---|---|")
+        for steps in (30, 10):
+            ours, fla = times[f'chunk_mesa, {steps} CG'], times[f'fla chunk_mesa_net, {steps} CG']
+            print(f"| {steps} CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+        per_iter = (times['chunk_mesa, 30 CG'][0] - times['chunk_mesa, 10 CG'][0]) / 20
+        flops = 2 * args.B * args.T * args.H * (D * D + 2 * 64 * D)  # p @ H_c and the two in-chunk products
+        print(f"\none CG iteration: {per_iter:.3f} ms, {flops / per_iter / 1e9:.0f} TFLOP/s (tf32 tensor cores)")
+        print(f"\n| accuracy, B=1 T={args.T} H=4 | rel. error of o vs float64 exact | steps (mean) |\n|---|---|---|")
+        for name, e, s in accuracy(D, T=args.T):
+            print(f"| {name} | {e:.2e} | {'' if s is None else f'{s:.1f}'} |")
+        print("\n| decoding, 30 CG | fla tokens/s | ours tokens/s | ratio |\n|---|---|---|---|")
+        for B, fla, ours in decode(D):
+            print(f"| batch {B} | {fla:.0f} | {ours:.0f} | {ours / fla:.2f} |")
+
+
+if __name__ == '__main__':
+    main()
