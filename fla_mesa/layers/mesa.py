@@ -159,12 +159,10 @@ class MesaAttention(nn.Module):
 
         if use_mamba_gate:
             self.A_log = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
-            self.A_log._no_weight_decay = True
             self.dt_bias = nn.Parameter(torch.empty(num_heads, dtype=torch.float32))
-            self.dt_bias._no_weight_decay = True
 
         self.lambda_params = nn.Parameter(torch.empty(num_heads, self.head_k_dim, dtype=torch.float32))
-        self.lambda_params._no_weight_decay = True
+        self.mark_no_weight_decay()
 
         if use_short_conv:
             self.q_conv1d = ShortConvolution(hidden_size=self.key_dim, kernel_size=conv_size, bias=conv_bias,
@@ -180,6 +178,13 @@ class MesaAttention(nn.Module):
             self.o_norm = RMSNorm(self.head_v_dim, eps=norm_eps, dtype=torch.float32)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
         self.reset_mesa_parameters()
+
+    def mark_no_weight_decay(self) -> None:
+        """Flags lambda (and A_log, dt_bias) with `_no_weight_decay = True`, as fla does; loaders that replace the
+        Parameter objects (transformers' `from_pretrained`) drop the flag, so `MesaPreTrainedModel` calls this again."""
+        for p in (self.lambda_params, getattr(self, 'A_log', None), getattr(self, 'dt_bias', None)):
+            if p is not None:
+                p._no_weight_decay = True
 
     @torch.no_grad()
     def reset_mesa_parameters(self) -> None:

@@ -28,7 +28,8 @@ def tiny_model(seed=0, **kw):
     model = MesaForCausalLM(tiny_config(**kw))
     with torch.no_grad():  # forget gates away from 0.5 so that the state carries information
         for layer in model.model.layers:
-            layer.attn.a_proj.bias.uniform_(1.0, 4.0)
+            if layer.attn.a_proj.bias is not None:
+                layer.attn.a_proj.bias.uniform_(1.0, 4.0)
     return model
 
 
@@ -72,9 +73,9 @@ def test_tied_and_untied_embeddings():
     assert not torch.equal(untied.lm_head.weight, untied.model.embeddings.weight)
 
 
-@pytest.mark.parametrize('tie', [True, False])
-def test_save_load_round_trip(tmp_path, tie):
-    model = tiny_model(tie_word_embeddings=tie, final_logit_softcapping=30.0).eval()
+@pytest.mark.parametrize('tie, mamba', [(True, False), (False, True)])
+def test_save_load_round_trip(tmp_path, tie, mamba):
+    model = tiny_model(tie_word_embeddings=tie, use_mamba_gate=mamba, final_logit_softcapping=30.0).eval()
     with torch.no_grad():  # move lambda off its init so loading has to restore it
         for block in model.model.layers:
             block.attn.lambda_params.add_(torch.randn_like(block.attn.lambda_params))
@@ -90,6 +91,10 @@ def test_save_load_round_trip(tmp_path, tie):
         assert n == n2 and torch.equal(p, p2), n
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+    # fla's optimizer grouping reads `_no_weight_decay`; loading must keep it on lambda (and the Mamba gate)
+    flagged = {n for n, p in loaded.named_parameters() if getattr(p, '_no_weight_decay', False)}
+    expect = {n for n, _ in loaded.named_parameters() if n.endswith(('lambda_params', 'A_log', 'dt_bias'))}
+    assert flagged == expect and len(expect) == (3 if mamba else 1) * loaded.config.num_hidden_layers
 
 
 def test_prefill_then_decoding_matches_full_forward():
@@ -170,6 +175,18 @@ def test_loss_decreases_and_every_parameter_gets_a_finite_gradient():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model(cg_steps=10).train()
+    ids = torch.randint(0, V, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
 
 
 def test_final_logit_softcapping_bounds_logits():

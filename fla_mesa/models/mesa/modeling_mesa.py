@@ -132,9 +132,19 @@ class MesaPreTrainedModel(FLAPreTrainedModel):
     _no_split_modules = ['MesaBlock']
     _supports_cache_class = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # loading replaces Parameter objects, which drops fla's `_no_weight_decay` flags
+        for module in model.modules():
+            if isinstance(module, MesaAttention):
+                module.mark_no_weight_decay()
+        return model
+
     def _init_weights(self, module: nn.Module, prenorm_residual_strategy: str | None = None,
                       num_residuals_per_layer: int = 2):
         if isinstance(module, MesaAttention):
+            module.mark_no_weight_decay()
             params = [module.lambda_params] + ([module.A_log, module.dt_bias] if module.use_mamba_gate else [])
             if not all(getattr(p, '_is_hf_initialized', False) for p in params):
                 module.reset_mesa_parameters()
