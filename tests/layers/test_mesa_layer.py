@@ -265,3 +265,17 @@ def test_cuda_repeated_input_finite():
     o.float().pow(2).mean().backward()
     assert torch.isfinite(o).all() and torch.isfinite(x.grad).all()
     assert not math.isnan(layer.lambda_params.grad.sum().item())
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_record_cg_iters_with_padding():
+    layer = make_layer(cg_steps=20, cg_tol=1e-3).cuda().to(torch.bfloat16)
+    layer.record_cg_iters = True
+    x = torch.randn(2, 33, D, device='cuda', dtype=torch.bfloat16)
+    mask = torch.ones(2, 33, dtype=torch.long, device='cuda')
+    mask[1, :5] = 0
+    layer(x, attention_mask=mask)
+    it = layer.last_cg_iters
+    assert it.shape == (2, 33, H) and not it.is_floating_point()
+    assert (it[mask.bool()] >= 1).all() and (it <= 20).all() and (it[1, :5] == 0).all()

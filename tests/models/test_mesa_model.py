@@ -28,7 +28,7 @@ def tiny_model(seed=0, **kw):
     model = MesaForCausalLM(tiny_config(**kw))
     with torch.no_grad():  # forget gates away from 0.5 so that the state carries information
         for layer in model.model.layers:
-            if layer.attn.a_proj.bias is not None:
+            if isinstance(layer.attn, MesaAttention) and layer.attn.a_proj.bias is not None:
                 layer.attn.a_proj.bias.uniform_(1.0, 4.0)
     return model
 
@@ -281,3 +281,21 @@ def test_cuda_float32_logits_match_cpu():
         out = model.cuda()(ids.cuda()).logits
     # the CUDA kernels may multiply float32 in TF32 (10-bit mantissa)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_hybrid_softmax_attention_layers():
+    pytest.importorskip('flash_attn')
+    model = tiny_model(num_hidden_layers=3, attn={'layers': [1], 'num_heads': 2}).cuda().to(torch.bfloat16)
+    assert not isinstance(model.model.layers[1].attn, MesaAttention)
+    ids = torch.randint(2, V, (2, 20), device='cuda')
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    gen = model.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=4, do_sample=False,
+                         min_new_tokens=4)
+    assert gen.shape == (2, 10)
