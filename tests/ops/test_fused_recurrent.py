@@ -197,7 +197,9 @@ if given is not None:
         ro, rt, riters, ambiguous = cg_tol_reference(q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, state)
         assert iters.dtype == torch.int32
         assert torch.equal(iters[~ambiguous], riters[~ambiguous]), (iters, riters, ambiguous)
-        assert_rel(o, ro, 1e-9, 'o')
+        # another summation order than the op's: an unconverged CG (cond up to ~1e3) amplifies its rounding
+        # (seen: 2e-8 where the op equals naive_cg_mesa to 1e-16); the counts above pin the stopping rule
+        assert_rel(o, ro, 1e-7, 'o')
         assert_rel(ht[0], rt[0], 1e-12, 'h_kk')
         assert_rel(ht[1], rt[1], 1e-12, 'h_kv')
 
@@ -413,7 +415,7 @@ def test_triton_kernel_under_interpreter():
 # catches type and layout errors that the interpreter does not see
 
 
-def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=False):
+def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=False, store_iters=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -423,7 +425,11 @@ def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=Fa
     ptr = {'q': dtype, 'k': dtype, 'v': dtype, 'o': dtype, 'g': 'fp32', 'beta': 'fp32', 'lamb': 'fp32',
            'ht_kk': 'fp32', 'ht_kv': 'fp32'}
     const = dict(H=4, K=K, V=V, BK=BK, BC=BC, BV=BV, CG_INIT=cg_init, USE_INITIAL_STATE=h0,
-                 USE_QK_L2NORM_IN_KERNEL=l2, IS_VARLEN=varlen)
+                 USE_QK_L2NORM_IN_KERNEL=l2, IS_VARLEN=varlen, STORE_ITERS=store_iters)
+    if store_iters:
+        ptr['iters'] = 'i32'
+    else:
+        const['iters'] = None
     if h0:
         ptr.update(h0_kk='fp32', h0_kv='fp32')
     else:
@@ -441,7 +447,7 @@ def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=Fa
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the real kernel runs in the gpu tests")
-@pytest.mark.parametrize('cfg', [dict(K=128, V=128, l2=True, varlen=True),
+@pytest.mark.parametrize('cfg', [dict(K=128, V=128, l2=True, varlen=True, store_iters=True),
                                  dict(K=256, V=200, dtype='fp16', cg_init=2, h0=False),
                                  dict(K=48, V=64, dtype='fp32', cg_init=0)])
 def test_triton_kernel_compiles_for_sm90(cfg):
