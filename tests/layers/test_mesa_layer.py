@@ -80,6 +80,35 @@ def test_gates_apply_the_cap():
     torch.testing.assert_close(layer.get_gates(x)[0], raw)
 
 
+@pytest.mark.parametrize('use_output_gate', [False, True])
+def test_layer_matches_the_paper_formula(use_output_gate):
+    """The layer, end to end, against its formula with an exact solve: convs + SiLU on q, k; L2-normalised q, k;
+    o_t = G_t (H_t + diag(lambda))^-1 q_t with the capped forget gate; per-head (gated) RMSNorm; o_proj."""
+    from fla_mesa.ops.naive import naive_recurrent_mesa
+    layer = make_layer(use_output_gate=use_output_gate, cg_steps=40)
+    with torch.no_grad():
+        layer.lambda_params.normal_()
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    with torch.no_grad():
+        o, _, _ = layer(x.float())
+        lay = layer.double()
+        q = F.silu(F.conv1d(F.pad(lay.q_proj(x).transpose(1, 2), (3, 0)), lay.q_conv1d.weight, groups=H * K))
+        k = F.silu(F.conv1d(F.pad(lay.k_proj(x).transpose(1, 2), (3, 0)), lay.k_conv1d.weight, groups=H * K))
+        q, k = (t.transpose(1, 2).unflatten(-1, (H, K)) for t in (q, k))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        v = lay.v_proj(x).unflatten(-1, (H, K))
+        beta = torch.sigmoid(lay.b_proj(x))
+        g = F.logsigmoid(lay.a_proj(x)) + torch.log1p(-(1 - 0.9975) * beta ** 2)
+        lamb = F.softplus(lay.lambda_params) + 0.25
+        ref, _ = naive_recurrent_mesa(q, k, v, g, beta, lamb)
+        ref = ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + 1e-5) * lay.o_norm.weight
+        if use_output_gate:
+            gate = lay.g_proj(x).unflatten(-1, (H, K))
+            ref = ref * gate * torch.sigmoid(gate)
+        ref = lay.o_proj(ref.flatten(-2))
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-5)
+
+
 @settings(max_examples=6, deadline=None)
 @given(lens=st.lists(st.integers(1, 9), min_size=2, max_size=3), left=st.booleans())
 def test_padding_matches_each_sequence_alone(lens, left):
