@@ -42,7 +42,7 @@ class MesaAttention(nn.Module):
 
     Args:
         hidden_size (int): model width. Default: 2048.
-        num_heads (int): number of heads. Default: 16.
+        num_heads (int): number of heads; must divide `hidden_size`. Default: 16.
         head_dim (int): key (and query) dim per head; `None` gives `hidden_size // num_heads`. Default: 128.
         expand_v (float): value head dim = `head_dim * expand_v`. Default: 1.
         mode (str): `'chunk'` (training and prefill) or `'fused_recurrent'` (token-by-token kernel, used without
@@ -95,10 +95,9 @@ class MesaAttention(nn.Module):
         super().__init__()
         if not isinstance(num_heads, int) or num_heads <= 0:
             raise ValueError(f"MesaAttention: num_heads must be a positive int, got {num_heads!r}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"MesaAttention: hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if head_dim is None:
-            if hidden_size % num_heads != 0:
-                raise ValueError(f"MesaAttention: hidden_size={hidden_size} is not divisible by num_heads={num_heads} "
-                                 "(pass head_dim explicitly or change num_heads)")
             head_dim = hidden_size // num_heads
         if not isinstance(head_dim, int) or head_dim <= 0:
             raise ValueError(f"MesaAttention: head_dim must be a positive int, got {head_dim!r}")

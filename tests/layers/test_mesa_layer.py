@@ -29,6 +29,7 @@ def make_layer(seed=0, **kw):
 
 @pytest.mark.parametrize('kwargs, match', [
     (dict(hidden_size=30, num_heads=4, head_dim=None), 'not divisible'),
+    (dict(hidden_size=30, num_heads=4, head_dim=8), 'not divisible'),
     (dict(lambda_lower_bound=0.0), 'lambda_lower_bound'),
     (dict(lambda_lower_bound=-1.0), 'lambda_lower_bound'),
     (dict(lambda_init=0.25, lambda_lower_bound=0.25), 'lambda_init'),
