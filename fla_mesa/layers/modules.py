@@ -3,7 +3,7 @@
 fla's `ShortConvolution`, `RMSNorm`, `FusedRMSNormGated` and `GatedMLP` launch Triton kernels, which fail on CPU
 tensors ("0 active drivers"). The subclasses below keep fla's parameters, state-dict keys and cache formats and
 call fla's kernels for CUDA tensors; for any other device they compute the same math in plain PyTorch
-(in float32, cast back to the input dtype, as the kernels do). A model built from them on CPU loads into the same
+(in float32, or float64 for float64 inputs, cast back to the input dtype, as the kernels do). A model built from them on CPU loads into the same
 model on GPU and back, and a conv cache written by one path is read by the other.
 """
 
@@ -19,22 +19,27 @@ from fla.modules import ShortConvolution as _ShortConvolution
 __all__ = ['FusedRMSNormGated', 'GatedMLP', 'RMSNorm', 'ShortConvolution', 'l2_norm']
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """x in its compute dtype: at least float32 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """L2-normalises the last dim (fla's `l2_norm` on CUDA, `x / sqrt(sum(x^2) + eps)` in float32 elsewhere)."""
     if x.is_cuda:
         from fla.modules.l2norm import l2_norm as _l2_norm
         return _l2_norm(x, eps=eps)
-    xf = x.float()
+    xf = _up(x)
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _rms_norm_torch(x, weight, bias, eps):
-    xf = x.float()
+    xf = _up(x)
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * _up(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + _up(bias)
     return y
 
 
@@ -46,10 +51,10 @@ class RMSNorm(_RMSNorm):
             return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         dtype = x.dtype
         if residual is not None:
-            x = x.float() + residual.float()
+            x = _up(x) + _up(residual)
             residual_out = x if residual_in_fp32 else x.to(residual.dtype)
         else:
-            residual_out = x.float() if residual_in_fp32 else x
+            residual_out = _up(x) if residual_in_fp32 else x
         y = _rms_norm_torch(x, self.weight, self.bias, self.eps).to(dtype)
         return (y, residual_out) if prenorm else y
 
@@ -62,12 +67,12 @@ class FusedRMSNormGated(_FusedRMSNormGated):
             return super().forward(x, g, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         dtype = x.dtype
         if residual is not None:
-            x = x.float() + residual.float()
+            x = _up(x) + _up(residual)
             residual_out = x if residual_in_fp32 else x.to(residual.dtype)
         else:
-            residual_out = x.float() if residual_in_fp32 else x
+            residual_out = _up(x) if residual_in_fp32 else x
         y = _rms_norm_torch(x, self.weight, self.bias, self.eps)
-        gf = g.float()
+        gf = _up(g)
         y = y * (gf * torch.sigmoid(gf) if self.activation in ('swish', 'silu') else torch.sigmoid(gf))
         y = y.to(dtype)
         return (y, residual_out) if prenorm else y
@@ -100,29 +105,35 @@ class ShortConvolution(_ShortConvolution):
             if cu_seqlens is not None:
                 raise ValueError("`mask` and `cu_seqlens` cannot be provided at the same time")
             x = x * mask.unsqueeze(-1).to(x.dtype)
+        ct = torch.promote_types(x.dtype, torch.float32)
+        weight = self.weight.to(ct)  # [D, 1, W]
+        bias = self.bias.to(ct) if self.bias is not None else None
+
+        def conv(xs, prev):  # xs [n, T, D], prev [n, D, W] -> y [n, T, D], state [n, D, W]
+            full = torch.cat([prev.to(ct), xs.to(ct).transpose(1, 2)], dim=-1)  # cached inputs, then the new ones
+            y = F.conv1d(full[..., 1:], weight, bias, groups=D)  # W - 1 cached inputs of context
+            return y.transpose(1, 2), full[..., -W:]
+
         if cu_seqlens is None:
-            seqs = [x[i:i + 1] for i in range(B)]
+            N = B
+            y, final_state = conv(x, cache if cache is not None else x.new_zeros(B, D, W, dtype=ct))
         else:
             bounds = cu_seqlens.tolist()
-            seqs = [x[:, s:e] for s, e in zip(bounds[:-1], bounds[1:])]
-        N = len(seqs)
-        weight = self.weight.float()  # [D, 1, W]
-        bias = self.bias.float() if self.bias is not None else None
-        ys, states = [], []
-        for n, xs in enumerate(seqs):
-            prev = cache[n].float() if cache is not None else x.new_zeros(D, W, dtype=torch.float32)
-            # [1, D, W + T]: the cached inputs followed by this sequence's inputs
-            full = torch.cat([prev.unsqueeze(0), xs.float().transpose(1, 2)], dim=-1)
-            y = F.conv1d(full[..., 1:], weight, bias, groups=D)  # W - 1 cached inputs of context
-            ys.append(y.transpose(1, 2))
-            states.append(full[0, :, -W:])
-        y = torch.cat(ys, dim=0 if cu_seqlens is None else 1)
+            N = len(bounds) - 1
+            ys, states = [], []
+            for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+                prev = cache[n:n + 1] if cache is not None else x.new_zeros(1, D, W, dtype=ct)
+                y_n, state_n = conv(x[:, s:e], prev)
+                ys.append(y_n)
+                states.append(state_n)
+            y = torch.cat(ys, dim=1) if ys else x.new_zeros(1, 0, D, dtype=ct)
+            final_state = torch.cat(states) if states else x.new_zeros(0, D, W, dtype=ct)
         if self.activation in ('silu', 'swish'):
             y = F.silu(y)
         if residual is not None:
-            y = y + residual.float()
+            y = y + residual.to(ct)
         y = y.to(x.dtype)
-        final_state = torch.stack(states).to(x.dtype) if N > 0 else x.new_zeros(0, D, W)
+        final_state = final_state.to(x.dtype)
         in_place = not torch.is_grad_enabled() and B * T == N and cache is not None
         if in_place:
             cache.copy_(final_state)

@@ -189,6 +189,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7)
 
 
+def test_model_level_cg_telemetry():
+    model = tiny_model(num_hidden_layers=3, cg_steps=16, cg_tol=1e-2).eval()
+    ids = torch.randint(0, V, (2, 10))
+    model.set_record_cg_iters(True)
+    with torch.no_grad():
+        model(ids)
+    iters = model.get_cg_iters()
+    assert sorted(iters) == [0, 1, 2]
+    for it in iters.values():
+        assert it.shape == (2, 10, 2) and (it >= 1).all() and (it <= 16).all()
+    model.set_record_cg_iters(False)
+    assert all(it is None for it in model.get_cg_iters().values())
+
+
 def test_final_logit_softcapping_bounds_logits():
     model = tiny_model(final_logit_softcapping=30.0).eval()
     with torch.no_grad():

@@ -132,6 +132,17 @@ class MesaPreTrainedModel(FLAPreTrainedModel):
     _no_split_modules = ['MesaBlock']
     _supports_cache_class = True
 
+    def set_record_cg_iters(self, enabled: bool = True) -> None:
+        """Turns `record_cg_iters` on/off in every Mesa layer (see `MesaAttention`) and clears their records."""
+        for module in self.modules():
+            if isinstance(module, MesaAttention):
+                module.record_cg_iters = enabled
+                module.last_cg_iters = None
+
+    def get_cg_iters(self) -> dict[int, torch.Tensor | None]:
+        """`{layer_idx: int [B, T, H] CG iterations of the last call (None if not recorded)}` over the Mesa layers."""
+        return {m.layer_idx: m.last_cg_iters for m in self.modules() if isinstance(m, MesaAttention)}
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
