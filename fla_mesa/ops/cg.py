@@ -3,7 +3,9 @@
 Tokens are independent systems, so a chunk of tokens needs only its chunk-start state H_c and its own
 keys: the Triton kernel keeps a chunk's keys, gates and CG vectors on chip across all iterations (fla
 has no such kernel: its GLA primitives would take one launch and a round trip to memory per iteration).
-A chunk stops once every token in it has ||r_k|| <= cg_tol * ||r_0||, or after `cg_steps` iterations.
+Each token stops once ||r_k|| <= max(cg_tol, eps) * ||r_0|| (eps: the compute dtype's machine epsilon;
+iterating past that floor lets the recursively updated residual underflow, and CG then diverges), and a
+chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations.
 """
 
 import torch
@@ -34,7 +36,6 @@ def chunk_cg_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     JACOBI: tl.constexpr,
-    USE_TOL: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -85,28 +86,26 @@ def chunk_cg_kernel(
         b_r = b_b
     b_p = b_r
     b_rs = tl.sum(b_r * b_r, 1)
-    if USE_TOL:
-        b_thresh = tol_sq * b_rs
-    else:
-        b_thresh = tl.full([BT], -1., dtype=tl.float32)
+    b_thresh = tol_sq * b_rs
     b_cnt = tl.zeros([BT], dtype=tl.int32)
 
     i = 0
     todo = tl.max(b_rs - b_thresh, 0) > 0
     while (i < steps) & todo:
+        b_active = b_rs > b_thresh
         b_hm = tl.load(p_h, mask=m_kk, other=0.)
         b_s = tl.dot(b_p, tl.trans(b_k), input_precision=DOT_PRECISION) * b_decay
         b_ap = b_eg[:, None] * tl.dot(b_p, b_hm, input_precision=DOT_PRECISION) \
             + tl.dot(b_s, b_k, input_precision=DOT_PRECISION) + b_lamb[None, :] * b_p
         b_pap = tl.sum(b_p * b_ap, 1)
-        b_alpha = tl.where(b_pap > 0, b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
+        b_alpha = tl.where(b_active & (b_pap > 0), b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
         b_x += b_alpha[:, None] * b_p
         b_r -= b_alpha[:, None] * b_ap
         b_rs_new = tl.sum(b_r * b_r, 1)
         b_cg_beta = tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.)
-        b_p = b_r + b_cg_beta[:, None] * b_p
-        b_cnt += (b_rs > b_thresh).to(tl.int32)
-        b_rs = b_rs_new
+        b_p = tl.where(b_active[:, None], b_r + b_cg_beta[:, None] * b_p, b_p)
+        b_cnt += b_active.to(tl.int32)
+        b_rs = tl.where(b_active, b_rs_new, b_rs)
         i += 1
         todo = tl.max(b_rs - b_thresh, 0) > 0
 
@@ -137,8 +136,7 @@ def chunk_cg_solve(
         gc: chunk-local cumulative log2 gate `[B, T, H]` (float32, from `chunk_local_cumsum(..., scale=RCP_LN2)`).
         h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`.
     Returns:
-        x `[B, T, H, K]` float32, and the iterations each token ran before meeting `cg_tol`
-        (int32 `[B, T, H]`, the chunk's count for tokens that never met it) if `return_iters`.
+        x `[B, T, H, K]` float32, and the iterations each token ran (int32 `[B, T, H]`) if `return_iters`.
     """
     B, T, H, K = b.shape
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
@@ -149,7 +147,7 @@ def chunk_cg_solve(
     precision = 'tf32x3' if k.dtype == torch.float32 else 'tf32'
     chunk_cg_kernel[(NT, B * H)](
         b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, cu_seqlens, chunk_indices,
-        tol_sq=0. if cg_tol is None else cg_tol ** 2,
+        tol_sq=max(cg_tol or 0., torch.finfo(torch.float32).eps) ** 2,
         steps=cg_steps,
         T=T,
         H=H,
@@ -157,7 +155,6 @@ def chunk_cg_solve(
         BT=chunk_size,
         BK=BK,
         JACOBI=cg_init == 'jacobi',
-        USE_TOL=cg_tol is not None,
         STORE_ITERS=return_iters,
         IS_VARLEN=cu_seqlens is not None,
         DOT_PRECISION=precision,
@@ -171,7 +168,6 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
     """PyTorch twin of `chunk_cg_solve` (same algorithm and stopping rule), natural-log `gc`, T a multiple
     of `chunk_size`, every tensor in the compute dtype."""
     B, T, H, K = b.shape
-    NT = T // chunk_size
     kb = beta[..., None] * k
 
     def matvec(p):
@@ -184,14 +180,12 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
         x, r = torch.zeros_like(b), b
     p = r
     rs = (r * r).sum(-1)
-    thresh = rs * cg_tol ** 2 if cg_tol is not None else torch.full_like(rs, -1.)
+    thresh = rs * max(cg_tol or 0., torch.finfo(b.dtype).eps) ** 2
     cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
     for _ in range(cg_steps):
-        unconverged = rs > thresh
-        chunk_active = unconverged.view(B, NT, chunk_size, H).any(2, keepdim=True)
-        if not bool(chunk_active.any()):
+        active = rs > thresh
+        if not bool(active.any()):
             break
-        active = chunk_active.expand(B, NT, chunk_size, H).reshape(B, T, H)
         ap = matvec(p)
         pap = (p * ap).sum(-1)
         alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)[..., None]
@@ -200,6 +194,6 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
         rs_new = (r * r).sum(-1)
         cg_beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0)[..., None]
         p = torch.where(active[..., None], r + cg_beta * p, p)
-        cnt += (active & unconverged).int()
+        cnt += active.int()
         rs = torch.where(active, rs_new, rs)
     return x, (cnt if return_iters else None)
