@@ -1,0 +1,239 @@
+"""Helpers shared by the LM demo, the model comparison, MQAR and the distributed script: device/precision choice,
+Mesa config for the byte vocab, optimiser and schedule, evaluation, CG-iteration telemetry, versions.
+
+The scripts put the repository root first on `sys.path` (`ensure_repo_on_path`), so they use this checkout's
+`fla_mesa` even where an older (or namespace-only) editable install is on the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import sys
+import time
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+
+
+def ensure_repo_on_path() -> None:
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
+ensure_repo_on_path()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from corpus import BOS, BYTE_VOCAB, EOS, VOCAB_SIZE  # noqa: E402
+
+
+def pick_device(name: str = 'auto') -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    dev = torch.device(name)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (fp32 weights, bf16 activations, as the paper), nothing elsewhere."""
+    if device.type == 'cuda' and enabled:
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def now(device: torch.device) -> float:
+    sync(device)
+    return time.perf_counter()
+
+
+def versions() -> dict:
+    out = {'python': platform.python_version(), 'torch': torch.__version__}
+    for mod in ('fla', 'triton', 'transformers'):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f'unavailable ({type(e).__name__})'
+    try:
+        import fla_mesa
+        out['fla_mesa'] = getattr(fla_mesa, '__version__', '?')
+    except Exception as e:  # noqa: BLE001
+        out['fla_mesa'] = f'unavailable ({type(e).__name__})'
+    if torch.cuda.is_available():
+        out['gpu'] = torch.cuda.get_device_name()
+    out['cpu_threads'] = torch.get_num_threads()
+    try:
+        import subprocess
+        out['git'] = subprocess.run(['git', '-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                                    text=True, timeout=5).stdout.strip() or '?'
+    except Exception:  # noqa: BLE001
+        out['git'] = '?'
+    return out
+
+
+def mesa_config(hidden_size: int, num_layers: int, head_dim: int = 64, cg_steps: int = 30, device_type: str = 'cpu',
+                vocab_size: int = VOCAB_SIZE, max_len: int = 2048, **overrides):
+    """MesaConfig for the byte vocab: `hidden_size // head_dim` heads, SwiGLU MLP of ratio 4, tied embeddings. The
+    fused Triton modules (norm, swiglu, cross entropy) are switched on only for CUDA."""
+    from fla_mesa import MesaConfig
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden_size={hidden_size} is not a multiple of head_dim={head_dim}")
+    fused = device_type == 'cuda'
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_heads=hidden_size // head_dim, head_dim=head_dim,
+              num_hidden_layers=num_layers, cg_steps=cg_steps, decode_cg_steps=cg_steps, bos_token_id=BOS,
+              eos_token_id=EOS, pad_token_id=EOS, max_position_embeddings=max_len, tie_word_embeddings=True,
+              fuse_norm=fused, fuse_swiglu=fused, fuse_cross_entropy=fused)
+    kw.update(overrides)
+    return MesaConfig(**kw)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are listed once
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-8,
+                   fused: bool = False):
+    """AdamW as the paper (wd 0.1, betas (0.9, 0.98)); no decay for biases, norm weights, embeddings and
+    parameters flagged `_no_weight_decay` (Mesa's lambda, Mamba-gate parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or getattr(p, '_no_weight_decay', False) or 'embed' in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    kw = {'fused': True} if fused else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kw)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, final_ratio: float = 0.1) -> float:
+    """Linear warmup to `peak`, then cosine decay to `final_ratio * peak` at `total` (the paper's schedule shape)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g['lr'] = lr
+
+
+def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of a batch of windows (`ids` is `[B, T]`; the model shifts the labels itself)."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 16,
+             use_autocast: bool = True) -> dict:
+    """Validation over fixed windows: `loss` (nats per token, all targets), `bpb` (bits per byte: byte targets only,
+    BOS/EOS targets left out) and `tokens`. Computes the cross entropy itself from the logits (float32)."""
+    was_training = model.training
+    model.eval()
+    tot_nats, tot_n, byte_nats, byte_n = 0.0, 0, 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(device)
+        with autocast(device, use_autocast):
+            logits = model(input_ids=ids[:, :-1]).logits
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction='none')
+        is_byte = (ids[:, 1:] < BYTE_VOCAB).reshape(-1)
+        tot_nats += nll.sum().item()
+        tot_n += nll.numel()
+        byte_nats += nll[is_byte].sum().item()
+        byte_n += int(is_byte.sum())
+    model.train(was_training)
+    return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'tokens': tot_n}
+
+
+def mesa_layers(model: nn.Module) -> list:
+    from fla_mesa.layers import MesaAttention
+    return [m for m in model.modules() if isinstance(m, MesaAttention)]
+
+
+@contextlib.contextmanager
+def cg_setting(model: nn.Module, cg_steps: int, cg_tol: float | None, record: bool = False):
+    """Temporarily sets every Mesa layer's `cg_steps`/`decode_cg_steps`/`cg_tol` (and `record_cg_iters`)."""
+    layers = mesa_layers(model)
+    saved = [(m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters) for m in layers]
+    try:
+        for m in layers:
+            m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters = cg_steps, cg_steps, cg_tol, record
+            m.last_cg_iters = None
+        yield layers
+    finally:
+        for m, (s, d, t, r) in zip(layers, saved):
+            m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters = s, d, t, r
+
+
+@torch.no_grad()
+def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.device, cg_tol: float = 1e-4,
+                       max_steps: int = 30, batch_size: int = 16, use_autocast: bool = True) -> dict:
+    """Validation loss with CG stopped at relative residual `cg_tol` (at most `max_steps`), and the CG iterations
+    the tokens needed, from the layers' `record_cg_iters`/`last_cg_iters` telemetry: per layer mean/median/max over
+    all (token, head) pairs, plus the mean over heads per layer (`per_head_mean`)."""
+    per_layer: dict[int, list] = {}
+    with cg_setting(model, max_steps, cg_tol, record=True) as layers:
+        was_training = model.training
+        model.eval()
+        tot_nats, tot_n = 0.0, 0
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i:i + batch_size].to(device)
+            with autocast(device, use_autocast):
+                logits = model(input_ids=ids[:, :-1]).logits
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                  reduction='sum')
+            tot_nats += nll.item()
+            tot_n += ids[:, 1:].numel()
+            for j, m in enumerate(layers):
+                if m.last_cg_iters is None:
+                    raise RuntimeError(f"Mesa layer {j} recorded no CG iterations (record_cg_iters=True)")
+                per_layer.setdefault(j, []).append(m.last_cg_iters.detach().cpu())
+        model.train(was_training)
+    stats = {}
+    for j, its in per_layer.items():
+        it = torch.cat([t.reshape(-1, t.shape[-1]) for t in its]).float()  # [tokens, heads]
+        stats[j] = {'mean': it.mean().item(), 'median': it.median().item(), 'max': int(it.max().item()),
+                    'per_head_mean': [round(x, 2) for x in it.mean(0).tolist()]}
+    all_mean = sum(s['mean'] for s in stats.values()) / max(1, len(stats))
+    return {'loss': tot_nats / tot_n, 'cg_tol': cg_tol, 'max_steps': max_steps, 'mean_iters': all_mean,
+            'layers': stats}
+
+
+def format_cg_stats(st: dict) -> str:
+    lines = [f"CG iterations at inference with tol {st['cg_tol']:g} (at most {st['max_steps']}), validation loss "
+             f"{st['loss']:.4f}:",
+             f"  {'layer':>5} {'mean':>7} {'median':>7} {'max':>5}  mean per head"]
+    for j, s in st['layers'].items():
+        lines.append(f"  {j:>5} {s['mean']:>7.2f} {s['median']:>7.1f} {s['max']:>5}  {s['per_head_mean']}")
+    lines.append(f"  all layers: mean {st['mean_iters']:.2f}")
+    return '\n'.join(lines)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return None
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except Exception:  # noqa: BLE001
+        return False
