@@ -500,9 +500,16 @@ def fused_recurrent_mesa(
             only if `return_cg_iters`.
 
     Notes:
-        CUDA runs a Triton kernel (float32 compute for every input dtype; float64 inputs are refused there);
-        the CPU runs the same algorithm in PyTorch, in float64 for float64 inputs. There is no backward:
-        calling `.backward()` through the outputs raises `NotImplementedError`. Use `chunk_mesa` for training.
+        CUDA runs a Triton kernel, one program per (sequence, head): states, CG vectors and residual norms are
+        float32 for every input dtype (float64 inputs are refused there), o is rounded to v's dtype at the
+        store. The CPU runs the same algorithm in PyTorch, batched over sequences and heads, in float64 for
+        float64 inputs. There is no backward: calling `.backward()` through the outputs raises
+        `NotImplementedError` (run decoding under `torch.no_grad()`; train with `chunk_mesa`).
+        `cg_tol` is judged per token here, while `chunk_mesa` stops a chunk once all its tokens meet it, so
+        with a tolerance a prefill-then-decode differs from one `chunk_mesa` call at the tolerance's level;
+        without one (or once CG has converged) they agree to rounding.
+        A warm start from the previous token's solution is not offered: x_{t-1} solves a system with another
+        right-hand side (q_{t-1}), and carrying it would add a third state tensor to the `(h_kk, h_kv)` format.
 
     Examples::
         >>> import torch

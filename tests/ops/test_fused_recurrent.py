@@ -463,7 +463,8 @@ def test_triton_kernel_compiles_for_sm90(cfg):
 # ----------------------------------------------------------------------------------------------------------
 # GPU: the real kernel against float64 references
 
-GPU_TOL = {torch.float32: 2e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# seen under the interpreter (same float32 algorithm): 5e-7, 4e-4, 7e-3
+GPU_TOL = {torch.float32: 5e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def _gpu_case(B, T, H, K, V, dtype, seed, **kw):
