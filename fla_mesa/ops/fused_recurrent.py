@@ -249,7 +249,7 @@ def fused_recurrent_mesa_fwd_triton(
     q, k, v, g, beta, lamb = (x.contiguous() for x in (q, k, v, g, beta, lamb))
     # the kernel reads the initial state as it is (any float dtype) and writes the float32 final state, which it
     # also uses as its working state (always allocated: the kernel needs it)
-    h0_kk, h0_kv = (None, None) if initial_state is None else (s.contiguous() for s in initial_state)
+    h0_kk, h0_kv = (None, None) if initial_state is None else (s.to(q.device).contiguous() for s in initial_state)
     h_kk = q.new_empty(N, H, K, K, dtype=torch.float32)
     h_kv = q.new_empty(N, H, K, V, dtype=torch.float32)
     o = torch.empty_like(v)
