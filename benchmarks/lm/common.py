@@ -191,15 +191,18 @@ def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.de
     with cg_setting(model, max_steps, cg_tol, record=True) as layers:
         was_training = model.training
         model.eval()
-        tot_nats, tot_n = 0.0, 0
+        tot_nats, tot_n, byte_nats, byte_n = 0.0, 0, 0.0, 0
         for i in range(0, windows.shape[0], batch_size):
             ids = windows[i:i + batch_size].to(device)
             with autocast(device, use_autocast):
                 logits = model(input_ids=ids[:, :-1]).logits
             nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction='sum')
-            tot_nats += nll.item()
-            tot_n += ids[:, 1:].numel()
+                                  reduction='none')
+            is_byte = (ids[:, 1:] < BYTE_VOCAB).reshape(-1)
+            tot_nats += nll.sum().item()
+            tot_n += nll.numel()
+            byte_nats += nll[is_byte].sum().item()
+            byte_n += int(is_byte.sum())
             for j, m in enumerate(layers):
                 if m.last_cg_iters is None:
                     raise RuntimeError(f"Mesa layer {j} recorded no CG iterations (record_cg_iters=True)")
@@ -211,7 +214,7 @@ def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.de
         stats[j] = {'mean': it.mean().item(), 'median': it.median().item(), 'max': int(it.max().item()),
                     'per_head_mean': [round(x, 2) for x in it.mean(0).tolist()]}
     all_mean = sum(s['mean'] for s in stats.values()) / max(1, len(stats))
-    return {'loss': tot_nats / tot_n, 'cg_tol': cg_tol, 'max_steps': max_steps, 'mean_iters': all_mean,
+    return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'cg_tol': cg_tol, 'max_steps': max_steps, 'mean_iters': all_mean,
             'layers': stats}
 
 
