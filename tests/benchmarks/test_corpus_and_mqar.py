@@ -1,0 +1,245 @@
+"""Fast CPU tests of the benchmark data (stdlib byte corpus, MQAR generator) and tiny in-process smoke runs of
+benchmarks/lm/demo.py, benchmarks/lm/compare.py, benchmarks/mqar/train_mqar.py and
+benchmarks/distributed/train_fsdp.py (single process)."""
+
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+LM = os.path.join(ROOT, 'benchmarks', 'lm')
+MQAR = os.path.join(ROOT, 'benchmarks', 'mqar')
+for p in (ROOT, LM, MQAR):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+import corpus  # noqa: E402  (benchmarks/lm/corpus.py)
+import mqar  # noqa: E402  (benchmarks/mqar/mqar.py)
+
+assert os.path.dirname(os.path.abspath(corpus.__file__)) == LM and os.path.dirname(os.path.abspath(mqar.__file__)) == MQAR
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_cpu_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path):
+    files = {'a.py': b'import os\n', 'b.py': b'x = 1\n', 'pkg/__init__.py': b'', 'pkg/mod.py': b'def f():\n  pass\n',
+             'notes.txt': b'not python', 'site-packages/third.py': b'third party', 'test/test_a.py': b'assert 1\n',
+             'pkg/tests/t.py': b'assert 2\n', 'idlelib/idle_test/x.py': b'pass\n'}
+    for rel, data in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return tmp_path
+
+
+def test_list_files_skips_third_party_tests_and_non_python(fake_stdlib):
+    assert corpus.list_files(str(fake_stdlib)) == ['a.py', 'b.py', 'pkg/__init__.py', 'pkg/mod.py']
+    with_tests = corpus.list_files(str(fake_stdlib), include_tests=True)
+    assert 'test/test_a.py' in with_tests and 'pkg/tests/t.py' in with_tests
+    assert 'idlelib/idle_test/x.py' in with_tests
+    assert not any('site-packages' in f for f in with_tests)
+    assert with_tests == sorted(with_tests)
+
+
+def test_encode_files_layout(fake_stdlib):
+    files = corpus.list_files(str(fake_stdlib))
+    stream = corpus.encode_files(files, str(fake_stdlib))
+    expected = []
+    for f in files:
+        expected += [corpus.BOS] + list((fake_stdlib / f).read_bytes()) + [corpus.EOS]
+    assert stream.tolist() == expected
+    assert corpus.decode(stream[:12]) == '<bos>import os\n<eos>'
+
+
+@pytest.fixture(scope='module')
+def stdlib_corpus():
+    return corpus.ByteCorpus.load()
+
+
+def test_split_disjoint_complete_deterministic(stdlib_corpus):
+    c = stdlib_corpus
+    files = corpus.list_files(c.root)
+    assert set(c.train_files).isdisjoint(c.val_files)
+    assert sorted(c.train_files + c.val_files) == files
+    assert c.train_files == sorted(c.train_files) and c.val_files == sorted(c.val_files)
+    frac = len(c.val_files) / len(files)
+    assert 0.01 < frac < 0.15, frac
+    again = corpus.ByteCorpus.load()
+    assert again.train_files == c.train_files and again.val_files == c.val_files
+    assert again.fingerprint == c.fingerprint
+    assert torch.equal(again.val, c.val)
+    # the split is a function of the path alone, whatever the other files
+    assert corpus.split_files(c.val_files[:3])[1] == c.val_files[:3]
+    assert not any(corpus.is_validation(f, 0.05) for f in c.train_files[:50])
+    assert not any('site-packages' in f for f in files)
+
+
+def test_streams(stdlib_corpus):
+    c = stdlib_corpus
+    for stream, files in ((c.train, c.train_files), (c.val, c.val_files)):
+        assert stream.dtype == torch.int16
+        assert int(stream.min()) >= 0 and int(stream.max()) < corpus.VOCAB_SIZE
+        assert int((stream == corpus.BOS).sum()) == len(files) == int((stream == corpus.EOS).sum())
+        assert int(stream[0]) == corpus.BOS and int(stream[-1]) == corpus.EOS
+    first = c.val_files[0]
+    with open(os.path.join(c.root, *first.split('/')), 'rb') as f:
+        data = f.read()
+    assert c.val[1:1 + len(data)].tolist() == list(data)
+
+
+def test_train_batches_seeded(stdlib_corpus):
+    s = stdlib_corpus.train
+    a, b, c = (corpus.TrainBatches(s, 4, 33, seed=seed) for seed in (1, 1, 2))
+    xa, xb, xc = next(a), next(b), next(c)
+    assert xa.shape == (4, 33) and xa.dtype == torch.long
+    assert torch.equal(xa, xb) and not torch.equal(xa, xc)
+    assert not torch.equal(next(a), xa)  # the stream moves on
+    # each row is a contiguous window of the stream: replay the offsets
+    g = torch.Generator().manual_seed(1)
+    starts = torch.randint(0, s.numel() - 33 + 1, (4,), generator=g)
+    for row, st in zip(xa, starts.tolist()):
+        assert torch.equal(row, s[st:st + 33].long())
+
+
+def test_fixed_windows(stdlib_corpus):
+    v = stdlib_corpus.val
+    w1, w2 = corpus.fixed_windows(v, 16, 65), corpus.fixed_windows(v, 16, 65)
+    assert w1.shape == (16, 65) and torch.equal(w1, w2)
+    assert torch.equal(w1[0], v[:65].long()) and torch.equal(w1[-1], v[-65:].long())
+    short = torch.arange(100, dtype=torch.int16)
+    assert corpus.fixed_windows(short, 16, 30).shape == (3, 30)
+    with pytest.raises(ValueError):
+        corpus.fixed_windows(short, 1, 101)
+
+
+# ------------------------------------------------------------------------------------------------------- MQAR
+
+
+@pytest.mark.parametrize('n,L,D,V', [(64, 64, 4, 64), (40, 256, 16, 8192), (8, 1024, 64, 8192), (600, 32, 8, 20)])
+def test_mqar_structure(n, L, D, V):
+    b = mqar.multiquery_ar(n, L, D, V, seed=3)
+    assert b.inputs.shape == b.labels.shape == (n, L)
+    assert b.inputs.dtype == b.labels.dtype == torch.long
+    assert int(b.inputs.min()) >= 0 and int(b.inputs.max()) < V
+    q = b.labels != mqar.IGNORE
+    assert (q.sum(1) == D).all()
+    assert not q[:, :2 * D].any()
+    keys, values = b.inputs[:, 0:2 * D:2], b.inputs[:, 1:2 * D:2]
+    assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+    mqar.check_example(b.inputs, b.labels, D)  # every query's label is the value bound to its key
+
+
+def test_mqar_seeding():
+    a = mqar.multiquery_ar(20, 128, 8, 256, seed=5)
+    b = mqar.multiquery_ar(20, 128, 8, 256, seed=5)
+    c = mqar.multiquery_ar(20, 128, 8, 256, seed=6)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+    d = mqar.multiquery_ar(mqar.BLOCK + 3, 128, 8, 256, seed=5)  # several blocks
+    assert torch.equal(d.inputs, mqar.multiquery_ar(mqar.BLOCK + 3, 128, 8, 256, seed=5).inputs)
+    mqar.check_example(d.inputs[-5:], d.labels[-5:], 8)
+
+
+def test_mqar_power_law_favours_early_queries():
+    L, D = 512, 8
+    b = mqar.multiquery_ar(400, L, D, 8192, seed=0)
+    pos = (b.labels != mqar.IGNORE).nonzero()[:, 1].float()
+    uniform_mean = 2 * D + (L - 2 * D) / 2
+    assert pos.mean() < 0.8 * uniform_mean
+    assert pos.max() > L / 2  # but not only early ones
+
+
+def test_mqar_check_catches_errors():
+    b = mqar.multiquery_ar(4, 64, 4, 64, seed=0)
+    bad = b.labels.clone()
+    i = int((bad[0] != mqar.IGNORE).nonzero()[0])
+    bad[0, i] = (bad[0, i] - 32 + 1) % 32 + 32  # another value
+    with pytest.raises(AssertionError):
+        mqar.check_example(b.inputs, bad, 4)
+    shifted = torch.roll(b.labels, 1, dims=1)  # off-by-one alignment
+    with pytest.raises(AssertionError):
+        mqar.check_example(b.inputs, shifted, 4)
+
+
+def test_mqar_argument_checks():
+    with pytest.raises(ValueError):
+        mqar.multiquery_ar(2, 60, 16, 8192)
+    with pytest.raises(ValueError):
+        mqar.multiquery_ar(2, 64, 4, 8)
+
+
+# ------------------------------------------------------------------------------------------------ smoke runs
+
+
+def test_demo_smoke(tmp_path):
+    demo = load(os.path.join(LM, 'demo.py'), 'lm_demo')
+    out = tmp_path / 'demo.json'
+    m = demo.main(['--device', 'cpu', '--steps', '6', '--hidden-size', '32', '--head-dim', '32', '--layers', '1',
+                   '--seq-len', '32', '--batch-size', '4', '--val-windows', '4', '--gen-tokens', '5', '--lr', '1e-2',
+                   '--cg-steps', '3', '--eval-cg-max', '10', '--no-progress', '--out', str(out)])
+    saved = json.loads(out.read_text())
+    assert saved['val_end']['loss'] == pytest.approx(m['val_end']['loss'])
+    assert math.isfinite(m['val_end']['loss'])
+    assert m['val_end']['loss'] < m['val_start']['loss'] - 0.05  # it learns something in 6 steps
+    assert len(m['train_losses']) == 6
+    st = m['cg_tol_eval']
+    assert set(st['layers']) == {0}
+    assert 0 < st['layers'][0]['mean'] <= st['layers'][0]['max'] <= 10
+    assert isinstance(m['sample'], str) and m['sample'].startswith('def ')
+
+
+def test_compare_smoke(tmp_path):
+    compare = load(os.path.join(LM, 'compare.py'), 'lm_compare')
+    out = compare.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '2', '--no-progress',
+                        '--tt-steps', '0,2', '--out', str(tmp_path / 'c.json')])
+    (r,) = out['results']
+    assert r['ok'] and r['name'] == 'mesa'
+    assert [p['cg'] for p in r['test_time_compute']] == ['0', '2', 'tol 0.0001']
+    assert len(r['curve']) == 3 and r['curve'][0]['time'] == 0.0
+    table = compare.tables(out['results'], out['config'])
+    assert '| mesa |' in table and '| tol 0.0001 |' in table
+    assert compare.interp([{'time': 0., 'val_loss': 4.}, {'time': 2., 'val_loss': 2.}], 1.) == pytest.approx(3.)
+    merged = compare.main(['--merge', str(tmp_path / 'c.json'), str(tmp_path / 'c.json'),
+                           '--png', str(tmp_path / 'm.png')])
+    assert len(merged['results']) == 2
+    with pytest.raises(SystemExit):
+        compare.main(['--models', 'gla', '--tiny', '--device', 'cpu'])
+
+
+def test_train_mqar_smoke():
+    tm = load(os.path.join(MQAR, 'train_mqar.py'), 'mqar_train')
+    out = tm.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '2', '--no-progress'])
+    (r,) = out['results']
+    assert r['ok'] and 0.0 <= r['acc'] <= 1.0 and math.isfinite(r['final_loss'])
+    assert '| mesa |' in tm.best_table(out['results'], out['config'])
+
+
+def test_train_fsdp_single_process_check(monkeypatch):
+    for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
+        monkeypatch.delenv(k, raising=False)
+    tf = load(os.path.join(ROOT, 'benchmarks', 'distributed', 'train_fsdp.py'), 'dist_train_fsdp')
+    assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2']) == 0
