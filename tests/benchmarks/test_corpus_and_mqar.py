@@ -243,3 +243,23 @@ def test_train_fsdp_single_process_check(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     tf = load(os.path.join(ROOT, 'benchmarks', 'distributed', 'train_fsdp.py'), 'dist_train_fsdp')
     assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2']) == 0
+
+
+def test_sdpa_stand_in_for_flash_attn_is_causal_attention():
+    """zoo.py's flash_attn_func stand-in (used when flash-attn is missing) against a naive causal softmax."""
+    zoo = load(os.path.join(LM, 'zoo.py'), 'lm_zoo')
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D = 2, 7, 3, 8
+    q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    scores = torch.einsum('bihd,bjhd->bhij', q, k) / math.sqrt(D)
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float('-inf'))
+    ref = torch.einsum('bhij,bjhd->bihd', scores.softmax(-1), v)
+    out = zoo._sdpa_flash_attn_func(q, k, v, causal=True, window_size=(-1, -1))
+    torch.testing.assert_close(out, ref)
+    # grouped-query attention: 3 query heads share 1 key/value head
+    out_gqa = zoo._sdpa_flash_attn_func(q, k[:, :, :1], v[:, :, :1], causal=True)
+    ref_gqa = zoo._sdpa_flash_attn_func(q, k[:, :, :1].expand(-1, -1, H, -1), v[:, :, :1].expand(-1, -1, H, -1),
+                                        causal=True)
+    torch.testing.assert_close(out_gqa, ref_gqa)
+    with pytest.raises(NotImplementedError):
+        zoo._sdpa_flash_attn_func(q, k, v, causal=True, window_size=(3, 0))
