@@ -8,12 +8,18 @@ iterating past that floor lets the recursively updated residual underflow, and C
 chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output
+from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, pad_to_chunks
 from fla_mesa.ops.utils import cg_init_guess
+
+
+# the kernel holds a [K, K] float32 state tile and [rows, K] float32 CG vectors in registers
+MAX_KERNEL_K = 128
 
 
 @triton.jit(do_not_specialize=['T', 'steps'])
@@ -34,13 +40,15 @@ def chunk_cg_kernel(
     H: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
+    BR: tl.constexpr,
     BK: tl.constexpr,
     JACOBI: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    # one program: BR rows (tokens) of one chunk of BT, one head; the keys are the chunk's first BT rows
+    i_tr, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, i_r = i_tr // (BT // BR), i_tr % (BT // BR)
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:
         i_tg = i_t
@@ -51,52 +59,54 @@ def chunk_cg_kernel(
         i_tg = i_b * tl.cdiv(T, BT) + i_t
         bos = (i_b * T).to(tl.int64)
 
-    o_t = i_t * BT + tl.arange(0, BT)
+    o_t = i_t * BT + i_r * BR + tl.arange(0, BR)
+    o_s = i_t * BT + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    m_t = o_t < T
-    m_k = o_k < K
+    m_t, m_s, m_k = o_t < T, o_s < T, o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     row = (bos + o_t) * H + i_h
+    row_s = (bos + o_s) * H + i_h
     p_tk = row[:, None] * K + o_k[None, :]
 
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+    b_k = tl.load(k + row_s[:, None] * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b_beta = tl.load(beta + row_s, mask=m_s, other=0.).to(tl.float32)
+    b_gs = tl.load(gc + row_s, mask=m_s, other=0.).to(tl.float32)
     b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
     b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
     p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
     m_kk = m_k[:, None] & m_k[None, :]
 
-    # decay[t, s] = exp2(g_t - g_s) * beta_s for s <= t in the chunk
-    m_ts = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_g[None, :], 0.)) * b_beta[None, :], 0.)
+    # decay[t, s] = exp2(g_t - g_s) * beta_s for key s <= token t in the chunk
+    m_ts = (o_t[:, None] >= o_s[None, :]) & m_t[:, None] & m_s[None, :]
+    b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_gs[None, :], 0.)) * b_beta[None, :], 0.)
     b_eg = tl.exp2(b_g)
 
     if JACOBI:
         b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
-        b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k, input_precision=DOT_PRECISION)
+        b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k)
         b_x = b_b / (b_diag + b_lamb[None, :])
         b_hm = tl.load(p_h, mask=m_kk, other=0.)
-        b_s = tl.dot(b_x, tl.trans(b_k), input_precision=DOT_PRECISION) * b_decay
-        b_ax = b_eg[:, None] * tl.dot(b_x, b_hm, input_precision=DOT_PRECISION) \
-            + tl.dot(b_s, b_k, input_precision=DOT_PRECISION) + b_lamb[None, :] * b_x
+        b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
+        b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
+            + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
         b_r = b_b - b_ax
     else:
-        b_x = tl.zeros([BT, BK], dtype=tl.float32)
+        b_x = tl.zeros([BR, BK], dtype=tl.float32)
         b_r = b_b
     b_p = b_r
     b_rs = tl.sum(b_r * b_r, 1)
     b_thresh = tol_sq * b_rs
-    b_cnt = tl.zeros([BT], dtype=tl.int32)
+    b_cnt = tl.zeros([BR], dtype=tl.int32)
 
     i = 0
     todo = tl.max(b_rs - b_thresh, 0) > 0
     while (i < steps) & todo:
         b_active = b_rs > b_thresh
         b_hm = tl.load(p_h, mask=m_kk, other=0.)
-        b_s = tl.dot(b_p, tl.trans(b_k), input_precision=DOT_PRECISION) * b_decay
-        b_ap = b_eg[:, None] * tl.dot(b_p, b_hm, input_precision=DOT_PRECISION) \
-            + tl.dot(b_s, b_k, input_precision=DOT_PRECISION) + b_lamb[None, :] * b_p
+        b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
+        b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
+            + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
         b_pap = tl.sum(b_p * b_ap, 1)
         b_alpha = tl.where(b_active & (b_pap > 0), b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
         b_x += b_alpha[:, None] * b_p
@@ -139,13 +149,16 @@ def chunk_cg_solve(
         x `[B, T, H, K]` float32, and the iterations each token ran (int32 `[B, T, H]`) if `return_iters`.
     """
     B, T, H, K = b.shape
+    if K > MAX_KERNEL_K:
+        return _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens,
+                                 chunk_size)
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
     BK = max(16, triton.next_power_of_2(K))
-    # fp32 inputs get fp32-accurate products (3 tf32 passes); half inputs are far coarser than tf32
-    precision = 'tf32x3' if k.dtype == torch.float32 else 'tf32'
-    chunk_cg_kernel[(NT, B * H)](
+    # rows per program: keeps the float32 CG vectors of a program at <= 4096 entries each, in registers
+    BR = min(chunk_size, 4096 // BK)
+    chunk_cg_kernel[(NT * (chunk_size // BR), B * H)](
         b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, cu_seqlens, chunk_indices,
         tol_sq=max(cg_tol or 0., torch.finfo(torch.float32).eps) ** 2,
         steps=cg_steps,
@@ -153,15 +166,34 @@ def chunk_cg_solve(
         H=H,
         K=K,
         BT=chunk_size,
+        BR=BR,
         BK=BK,
         JACOBI=cg_init == 'jacobi',
         STORE_ITERS=return_iters,
         IS_VARLEN=cu_seqlens is not None,
-        DOT_PRECISION=precision,
         num_warps=8 if BK >= 128 else 4,
         num_stages=1,
     )
     return x, iters
+
+
+def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size):
+    """K > MAX_KERNEL_K on CUDA: the PyTorch twin on the GPU (cuBLAS products), one padded row per sequence."""
+    bounds = [0, b.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+    rows = range(b.shape[0]) if cu_seqlens is None else [0] * (len(bounds) - 1)
+    spans = list(zip(bounds, bounds[1:])) * (b.shape[0] if cu_seqlens is None else 1)
+    xs, its, first = [], [], 0
+    for i, (r, (s, e)) in enumerate(zip(rows, spans)):
+        nt = -(-(e - s) // chunk_size)
+        piece = [pad_to_chunks(t[r:r + 1, s:e].float(), chunk_size) for t in (b, k, beta, gc)]
+        h = h_kk[r:r + 1, first:first + nt] if cu_seqlens is not None else h_kk[r:r + 1]
+        first += nt if cu_seqlens is not None else 0
+        x, it = torch_chunk_cg_solve(piece[0], piece[1], piece[2], piece[3] * math.log(2), h, lamb.float(), cg_steps,
+                                     cg_tol, cg_init, return_iters, chunk_size)
+        xs.append(x[:, :e - s])
+        its.append(it[:, :e - s] if return_iters else None)
+    cat = (lambda ts: torch.cat(ts, 1)) if cu_seqlens is not None else (lambda ts: torch.cat(ts, 0))
+    return cat(xs), (cat(its) if return_iters else None)
 
 
 def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters=False, chunk_size=64):

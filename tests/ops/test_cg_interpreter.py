@@ -13,8 +13,10 @@ SCRIPT = textwrap.dedent('''
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_states, pad_to_chunks
     torch.manual_seed(0)
-    C = 16
-    for B, T, H, K, lamb_lo, varlen in [(2, 40, 2, 32, 0.05, False), (1, 50, 1, 20, 0.5, True)]:
+    # K = 128 splits a chunk of 64 over two programs; K = 136 takes the wide-head PyTorch fallback
+    for B, T, H, K, lamb_lo, varlen, C in [(2, 40, 2, 32, 0.05, False, 16), (1, 50, 1, 20, 0.5, True, 16),
+                                           (1, 150, 1, 128, 0.3, True, 64), (2, 70, 1, 136, 0.3, False, 64),
+                                           (1, 90, 1, 136, 0.3, True, 32)]:
         q = torch.randn(B, T, H, K)
         k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
         g, beta = -torch.rand(B, T, H) * 0.2, torch.rand(B, T, H)
