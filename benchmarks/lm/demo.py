@@ -152,13 +152,11 @@ def main(argv=None) -> dict:
     t_gen0 = time.perf_counter()
     prompt = corpus.encode_text(args.prompt)[None].to(device)
     model.eval()
-    gen = torch.Generator(device='cpu').manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # sampling draws from the global generator
     with torch.no_grad(), common.autocast(device):
         out = model.generate(input_ids=prompt, max_new_tokens=cfg['gen_tokens'], do_sample=True,
                              temperature=args.temperature, top_k=40, pad_token_id=corpus.EOS,
                              eos_token_id=corpus.EOS, use_cache=True)
-    del gen
     sample = corpus.decode(out[0, 1:].cpu())
     gen_s = time.perf_counter() - t_gen0
     n_new = out.shape[1] - prompt.shape[1]

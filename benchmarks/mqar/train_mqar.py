@@ -118,6 +118,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     pos, warmup = 0, max(1, cfg['steps'] // 10)
     t0 = common.now(device)
     last = float('nan')
+    curve, every = [], max(1, cfg['steps'] // 20)
     from tqdm.auto import tqdm
     bar = tqdm(range(cfg['steps']), desc=f"{name} d={width} L={seq_len} lr={lr:g}", disable=args.no_progress,
                dynamic_ncols=True, mininterval=2.0, leave=False)
@@ -138,15 +139,17 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
         last = loss.item()
         if not math.isfinite(last):
             raise RuntimeError(f"non-finite loss {last} at step {step}")
-        if step % 20 == 0:
+        if step % every == 0 or step + 1 == cfg['steps']:
+            curve.append((step + 1, round(last, 5)))
             bar.set_postfix(loss=f'{last:.3f}')
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
     res = {'model': name, 'width': width, 'seq_len': seq_len, 'lr': lr, 'acc': acc, 'final_loss': last,
-           'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True}
+           'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True, 'loss_curve': curve}
     print(f"  {name:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
-          f"loss {last:.4f}  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params", flush=True)
+          f"loss {last:.4f}  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params  loss curve "
+          f"{' '.join(f'{s}:{l:.2f}' for s, l in curve[::4] + curve[-1:])}", flush=True)
     del model, opt
     if device.type == 'cuda':
         torch.cuda.empty_cache()
