@@ -86,7 +86,7 @@ def build(cfg, device, seed):
 
 
 def batches(data, cfg, seed):
-    return corpus.TrainBatches(data.train, cfg['global_batch'], cfg['seq_len'] + 1, seed=seed)
+    return corpus.TrainBatches(data.train, cfg['global_batch'], cfg['seq_len'], seed=seed)
 
 
 def full_params(model) -> dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
     if cfg['compile_steps'] > 0:
         state = copy.deepcopy(model.state_dict())
         opt = common.make_optimizer(model, cfg['lr'], fused=fused_opt)
-        warm = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'] + 1, seed=args.seed + 10_000)
+        warm = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=args.seed + 10_000)
         t0 = common.now(device)
         for _ in range(cfg['compile_steps']):
             step_fn(opt, next(warm).to(device), 0.0)
@@ -122,7 +122,7 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
         model.load_state_dict(state)
         del opt, state
     opt = common.make_optimizer(model, cfg['lr'], fused=fused_opt)
-    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'] + 1, seed=args.seed)
+    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=args.seed)
     warmup = max(1, cfg['steps'] // 10)
     if device.type == 'cuda':
         torch.cuda.empty_cache()

@@ -5,16 +5,19 @@ skipping `site-packages`/`dist-packages` (installed third-party code, not the st
 `include_tests=True`, the standard library's test suites (directories named `test`, `tests`, `idle_test`).
 About 730 files / 12 MB on CPython 3.11 without tests.
 
-Split: a file is held out for validation when `sha1(relative path) mod 10_000 < val_fraction * 10_000`. The split
-depends only on the relative paths, so it is deterministic and the same on any machine with the same stdlib.
+Split: a file is held out for validation when `int(first 8 bytes of sha1(relative path), big-endian) mod 10_000 <
+val_fraction * 10_000`. The split depends only on the relative paths, so it is deterministic and the same on any
+machine with the same stdlib.
 
 Tokens: vocab of 258. Ids 0..255 are the raw bytes; `BOS = 256` starts every file and `EOS = 257` ends it. The
 files of a split are concatenated (`BOS bytes EOS BOS bytes EOS ...`) into one stream.
 
 Batches: training draws `batch_size` windows of `seq_len + 1` tokens at uniformly random offsets of the training
 stream (a seeded `torch.Generator`); validation uses fixed windows at evenly spaced offsets of the validation stream
-(the same windows every call). `input_ids = window[:-1]`, `labels = window[1:]`; since fla-style models shift the
-labels themselves, `lm_batch` returns the full window as both (see `lm_batch`).
+(the same windows every call). The scripts train on windows of `seq_len` tokens passed as both `input_ids` and
+`labels` (the models shift the labels themselves: `seq_len - 1` targets; `seq_len` a multiple of the chunk size
+keeps the kernels' chunks full), and evaluate windows of `seq_len + 1` as `input_ids = window[:, :-1]` with targets
+`window[:, 1:]`.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
           f"seq {cfg['seq_len']} x batch {cfg['batch_size']} x {cfg['steps']} steps, peak lr {cfg['lr']:g}")
 
     opt = common.make_optimizer(model, cfg['lr'], fused=device.type == 'cuda')
-    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'] + 1, seed=args.seed)
+    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=args.seed)
     val = corpus.fixed_windows(data.val, cfg['val_windows'], cfg['seq_len'] + 1)
     warmup = max(1, cfg['steps'] // 10)
 
