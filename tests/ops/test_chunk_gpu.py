@@ -8,8 +8,9 @@ from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
 
 pytestmark = pytest.mark.gpu
 
-# fla's chunk primitives take fp32 operands as tf32 (10-bit mantissa): the spec for fp32 inputs on GPU
-FP32_GPU = 1e-3
+# fla's chunk primitives (and our CG kernel) take fp32 operands as tf32, unit roundoff 2^-11: errors of a
+# few units of it are what fp32 inputs can get on the GPU (fla's own MesaNet backward: 0.7e-3 to 1.9e-3)
+FP32_GPU = 4 * 2 ** -11
 
 
 def cuda(*ts):
