@@ -214,7 +214,8 @@ def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.de
         stats[j] = {'mean': it.mean().item(), 'median': it.median().item(), 'max': int(it.max().item()),
                     'per_head_mean': [round(x, 2) for x in it.mean(0).tolist()]}
     all_mean = sum(s['mean'] for s in stats.values()) / max(1, len(stats))
-    return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'cg_tol': cg_tol, 'max_steps': max_steps, 'mean_iters': all_mean,
+    return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'cg_tol': cg_tol,
+            'max_steps': max_steps, 'mean_iters': all_mean,
             'layers': stats}
 
 
@@ -240,3 +241,34 @@ def have_matplotlib() -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+class _PlainBar:
+    """Stand-in for tqdm where it is not installed: prints `desc step/total postfix` about every 10%."""
+
+    def __init__(self, iterable, desc='', disable=False, **_):
+        self.items, self.desc, self.disable = list(iterable), desc, disable
+        self.postfix = ''
+
+    def __iter__(self):
+        n = len(self.items)
+        every = max(1, n // 10)
+        for i, x in enumerate(self.items):
+            yield x
+            if not self.disable and ((i + 1) % every == 0 or i + 1 == n):
+                print(f"{self.desc} {i + 1}/{n} {self.postfix}", flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = ' '.join(f'{k}={v}' for k, v in kw.items())
+
+    def close(self):
+        pass
+
+
+def progress(iterable, **kw):
+    """tqdm progress bar, or a plain printer when tqdm is not installed."""
+    try:
+        from tqdm.auto import tqdm
+    except Exception:  # noqa: BLE001
+        return _PlainBar(iterable, **kw)
+    return tqdm(iterable, **kw)

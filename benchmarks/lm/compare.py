@@ -131,8 +131,7 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
     ev0 = common.evaluate(model, val, device, use_autocast=use_ac)
     curve = [{'step': 0, 'time': 0.0, 'val_loss': ev0['loss']}]
     train_losses, train_time = [], 0.0
-    from tqdm.auto import tqdm
-    bar = tqdm(range(cfg['steps']), desc=name, disable=args.no_progress, dynamic_ncols=True, mininterval=2.0)
+    bar = common.progress(range(cfg['steps']), desc=name, disable=args.no_progress, dynamic_ncols=True, mininterval=2.0)
     for step in bar:
         ids = next(batches).to(device, non_blocking=True)
         t0 = common.now(device)

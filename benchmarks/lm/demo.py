@@ -33,7 +33,7 @@ import corpus  # noqa: E402
 
 PRESETS = {
     # name: hidden, layers, head_dim, seq_len, batch, steps, lr, cg_steps, val_windows, gen_tokens
-    'cpu': dict(hidden_size=128, layers=2, head_dim=64, seq_len=128, batch_size=8, steps=300, lr=3e-3, cg_steps=10,
+    'cpu': dict(hidden_size=128, layers=2, head_dim=64, seq_len=128, batch_size=8, steps=500, lr=3e-3, cg_steps=10,
                 val_windows=32, gen_tokens=160),
     'big': dict(hidden_size=512, layers=6, head_dim=128, seq_len=512, batch_size=32, steps=1000, lr=2e-3,
                 cg_steps=30, val_windows=256, gen_tokens=400),
@@ -113,11 +113,11 @@ def main(argv=None) -> dict:
     print(f"validation before training: loss {val_start['loss']:.4f}, {val_start['bpb']:.3f} bits/byte "
           f"(uniform over 258 ids: {math.log(258):.4f}) [{t_eval:.1f}s]")
 
-    from tqdm.auto import tqdm
     losses = []
     model.train()
     t_train0 = common.now(device)
-    bar = tqdm(range(cfg['steps']), desc='train', disable=args.no_progress, dynamic_ncols=True, mininterval=1.0)
+    bar = common.progress(range(cfg['steps']), desc='train', disable=args.no_progress, dynamic_ncols=True,
+                          mininterval=1.0)
     for step in bar:
         common.set_lr(opt, common.lr_at(step, cfg['steps'], cfg['lr'], warmup))
         ids = next(batches).to(device, non_blocking=True)

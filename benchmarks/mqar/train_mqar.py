@@ -119,8 +119,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     t0 = common.now(device)
     last = float('nan')
     curve, every = [], max(1, cfg['steps'] // 20)
-    from tqdm.auto import tqdm
-    bar = tqdm(range(cfg['steps']), desc=f"{name} d={width} L={seq_len} lr={lr:g}", disable=args.no_progress,
+    bar = common.progress(range(cfg['steps']), desc=f"{name} d={width} L={seq_len} lr={lr:g}", disable=args.no_progress,
                dynamic_ncols=True, mininterval=2.0, leave=False)
     for step in bar:
         if pos + cfg['batch_size'] > n:

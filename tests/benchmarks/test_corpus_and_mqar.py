@@ -30,7 +30,8 @@ def load(path: str, name: str):
 import corpus  # noqa: E402  (benchmarks/lm/corpus.py)
 import mqar  # noqa: E402  (benchmarks/mqar/mqar.py)
 
-assert os.path.dirname(os.path.abspath(corpus.__file__)) == LM and os.path.dirname(os.path.abspath(mqar.__file__)) == MQAR
+assert os.path.dirname(os.path.abspath(corpus.__file__)) == LM
+assert os.path.dirname(os.path.abspath(mqar.__file__)) == MQAR
 
 
 @pytest.fixture(autouse=True, scope='module')
