@@ -264,3 +264,22 @@ def test_sdpa_stand_in_for_flash_attn_is_causal_attention():
     torch.testing.assert_close(out_gqa, ref_gqa)
     with pytest.raises(NotImplementedError):
         zoo._sdpa_flash_attn_func(q, k, v, causal=True, window_size=(3, 0))
+
+
+def test_report_tables_show_failures_and_best_lr():
+    compare = load(os.path.join(LM, 'compare.py'), 'lm_compare')
+    ok = {'name': 'gla', 'ok': True, 'info': {'params': 1e6}, 'val_loss': 2.0, 'bpb': 2.9, 'train_time': 10.0,
+          'tokens_per_s': 100.0, 'peak_memory_mb': None, 'curve': [{'time': 0.0, 'val_loss': 5.0},
+                                                                    {'time': 10.0, 'val_loss': 2.0}]}
+    slow = dict(ok, name='gated_deltanet', train_time=20.0, val_loss=1.0,
+                curve=[{'time': 0.0, 'val_loss': 5.0}, {'time': 20.0, 'val_loss': 1.0}])
+    table = compare.tables([ok, slow, {'name': 'mesanet', 'ok': False, 'error': 'RuntimeError: boom'}],
+                           {'steps': 3})
+    assert '| mesanet | | FAILED |' in table and 'boom' in table
+    assert '| gated_deltanet | 1.00M | 1.0000 |' in table and '| 3.0000 |' in table  # at t = 10 s: 3.0
+    tm = load(os.path.join(MQAR, 'train_mqar.py'), 'mqar_train')
+    rows = [{'model': 'mesa', 'width': 64, 'seq_len': 256, 'lr': lr, 'acc': acc, 'ok': True}
+            for lr, acc in ((1e-3, 0.4), (3e-3, 0.9))]
+    rows.append({'model': 'gla', 'width': 64, 'seq_len': 256, 'lr': 1e-3, 'ok': False, 'error': 'x'})
+    t = tm.best_table(rows, {'lrs': [1e-3, 3e-3]})
+    assert '| mesa | 0.900 |' in t and '| gla | FAILED |' in t
