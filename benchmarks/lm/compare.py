@@ -271,6 +271,8 @@ def main(argv=None) -> dict:
           f"{cfg['seq_len']} tokens")
 
     results = []
+    out = {'config': cfg, 'seed': args.seed, 'versions': vers, 'device': str(device),
+           'corpus_fingerprint': data.fingerprint, 'results': results}
     for name in names:
         try:
             results.append(train_one(name, cfg, args, data, val, device))
@@ -280,11 +282,10 @@ def main(argv=None) -> dict:
             results.append({'name': name, 'ok': False, 'error': f"{type(e).__name__}: {e}"})
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
-    out = {'config': cfg, 'seed': args.seed, 'versions': vers, 'device': str(device),
-           'corpus_fingerprint': data.fingerprint, 'results': results}
+        if args.out:  # after every model, so a run cut short keeps what it finished
+            with open(args.out, 'w') as f:
+                json.dump(out, f, indent=2, default=str)
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(out, f, indent=2, default=str)
         print(f"results written to {args.out}")
     png_path = args.png or (os.path.splitext(args.out)[0] + '.png' if args.out else 'compare.png')
     png = plot(results, png_path)

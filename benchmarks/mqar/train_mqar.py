@@ -236,6 +236,13 @@ def main(argv=None) -> dict:
     vers = common.versions()
     print(f"versions: {vers}\nseed {args.seed}, device {device}, config {cfg}, models {names}")
     results = []
+    out = {'config': cfg, 'seed': args.seed, 'versions': vers, 'device': str(device), 'results': results}
+
+    def save():  # after every cell, so a run cut short keeps what it finished
+        if args.out:
+            with open(args.out, 'w') as f:
+                json.dump(out, f, indent=2, default=str)
+
     for L in cfg['seq_lens']:
         D = max(1, L // cfg['kv_ratio'])
         t0 = time.perf_counter()
@@ -255,10 +262,8 @@ def main(argv=None) -> dict:
                                         'error': f"{type(e).__name__}: {e}"})
                         if device.type == 'cuda':
                             torch.cuda.empty_cache()
-    out = {'config': cfg, 'seed': args.seed, 'versions': vers, 'device': str(device), 'results': results}
+                    save()
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(out, f, indent=2, default=str)
         print(f"results written to {args.out}")
     png = plot(results, args.png or (os.path.splitext(args.out)[0] + '.png' if args.out else 'mqar.png'))
     print(f"plot: {png or 'not written (matplotlib is not installed)'}")
