@@ -83,8 +83,12 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     from fla.ops.utils.constant import RCP_LN2
 
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    kb = k * beta[..., None].to(k.dtype)
-    h_kk, ht_kk = chunk_fwd_h(k=k, v=kb, g=gc, h0=h0_kk, output_final_state=output_final_state,
+    # float32 operands (tf32 products, unit roundoff 2^-11) rather than rounding beta * k, beta * v, the
+    # states and x to a half dtype (2^-9 for bf16) at every product: each such rounding adds about the
+    # output's own rounding error
+    kf = k.float()
+    beta_f = beta[..., None].float()
+    h_kk, ht_kk = chunk_fwd_h(k=kf, v=kf * beta_f, g=gc, h0=h0_kk, output_final_state=output_final_state,
                               cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
     if cg_steps == 0:
         x = q.float()
@@ -93,10 +97,10 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
         x, iters = chunk_cg_solve(q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters,
                                   cu_seqlens, chunk_indices, chunk_size)
     del h_kk
-    vb = v * beta[..., None].to(v.dtype)
-    h_kv, ht_kv = chunk_fwd_h(k=k, v=vb, g=gc, h0=h0_kv, output_final_state=output_final_state,
-                              cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    o = chunk_fwd_o(q=x.to(k.dtype), k=k, v=vb, h=h_kv, g=gc, scale=1.0, cu_seqlens=cu_seqlens,
+    vb = v.float() * beta_f
+    h_kv, ht_kv = chunk_fwd_h(k=kf, v=vb, g=gc, h0=h0_kv, output_final_state=output_final_state,
+                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
+    o = chunk_fwd_o(q=x, k=kf, v=vb, h=h_kv, g=gc, scale=1.0, cu_seqlens=cu_seqlens,
                     chunk_size=chunk_size, chunk_indices=chunk_indices)
     return o, ht_kk, ht_kv, x, iters
 
@@ -117,8 +121,9 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     if cg_steps == 0:
         dq, u = dx.float(), None
     else:
-        h_kk, _ = chunk_fwd_h(k=k, v=kb, g=gc, h0=h0_kk, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
-                              states_in_fp32=True)
+        kf = k.float()
+        h_kk, _ = chunk_fwd_h(k=kf, v=kf * beta[..., None].float(), g=gc, h0=h0_kk, cu_seqlens=cu_seqlens,
+                              chunk_size=chunk_size, states_in_fp32=True)
         u, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
                               cu_seqlens, chunk_indices, chunk_size)
         del h_kk
@@ -239,9 +244,10 @@ def chunk_mesa(
         final_state (tuple | None): `(h_kk, h_kv)`, float32 (float64 for float64 inputs), if `output_final_state`.
         cg_iters (torch.Tensor): only if `return_cg_iters`.
 
-    Precision: the H chunk states and every CG vector (x, r, p, residual norms) are float32 whatever the
-    input dtype (float64 for float64 inputs off CUDA); on CUDA the G chunk states are kept in the input
-    dtype and the solution x enters the output product in it; final states are float32.
+    Precision: the chunk states of H and G, every CG vector (x, r, p, residual norms) and the output
+    product are float32 whatever the input dtype (float64 for float64 inputs off CUDA); final states are
+    float32. On CUDA the products run on tf32 tensor cores (unit roundoff 2^-11), as in fla's chunk
+    primitives; the backward's GLA passes take x and -u in the input dtype.
     """
     B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
     if chunk_size not in (16, 32, 64) and (q.is_cuda or chunk_size < 1 or chunk_size & (chunk_size - 1)):

@@ -72,12 +72,14 @@ def test_varlen_and_two_pieces_on_gpu():
     for n in range(len(lengths)):
         a, b = cu[n].item(), cu[n + 1].item()
         o_n, s_n = chunk_mesa(*(x[:, a:b] for x in (q, k, v, g, beta)), lamb, output_final_state=True)
-        assert rel(o[:, a:b], o_n) < 1e-5 and rel(s[0][n], s_n[0][0]) < 1e-5 and rel(s[1][n], s_n[1][0]) < 1e-5
+        # tf32 products are not bitwise reproducible across fla's autotuned tilings of the two layouts
+        assert rel(o[:, a:b], o_n) < FP32_GPU and rel(s[0][n], s_n[0][0]) < FP32_GPU
+        assert rel(s[1][n], s_n[1][0]) < FP32_GPU
     t = 100
     o1, s1 = chunk_mesa(*(x[:, :t] for x in (q, k, v, g, beta)), lamb, output_final_state=True)
     o2, s2 = chunk_mesa(*(x[:, t:] for x in (q, k, v, g, beta)), lamb, initial_state=s1, output_final_state=True)
     o_all, s_all = chunk_mesa(q, k, v, g, beta, lamb, output_final_state=True)
-    assert rel(torch.cat([o1, o2], 1), o_all) < FP32_GPU and rel(s2[0], s_all[0]) < 1e-5
+    assert rel(torch.cat([o1, o2], 1), o_all) < FP32_GPU and rel(s2[0], s_all[0]) < FP32_GPU
 
 
 def test_zero_steps_is_fla_simple_gla():
