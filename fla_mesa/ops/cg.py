@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, pad_to_chunks
-from fla_mesa.ops.utils import cg_init_guess
+from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
 
 # the kernel holds a [K, K] float32 state tile and [rows, K] float32 CG vectors in registers
@@ -160,7 +160,7 @@ def chunk_cg_solve(
     BR = min(chunk_size, 4096 // BK)
     chunk_cg_kernel[(NT * (chunk_size // BR), B * H)](
         b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, cu_seqlens, chunk_indices,
-        tol_sq=max(cg_tol or 0., torch.finfo(torch.float32).eps) ** 2,
+        tol_sq=cg_threshold(cg_tol, torch.float32),
         steps=cg_steps,
         T=T,
         H=H,
@@ -212,7 +212,7 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
         x, r = torch.zeros_like(b), b
     p = r
     rs = (r * r).sum(-1)
-    thresh = rs * max(cg_tol or 0., torch.finfo(b.dtype).eps) ** 2
+    thresh = rs * cg_threshold(cg_tol, b.dtype)
     cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
     for _ in range(cg_steps):
         active = rs > thresh

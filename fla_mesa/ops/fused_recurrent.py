@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.utils import check_inputs, l2norm
+from fla_mesa.ops.utils import cg_threshold, check_inputs, l2norm
 
 
 @triton.jit(do_not_specialize=['T', 'cg_steps', 'cg_tol2'])
@@ -146,8 +146,8 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_r = b_q
             b_p = b_r
             b_rs = tl.sum(b_r * b_r)
-            # stop once ||r|| <= cg_tol ||r_0|| (cg_tol2 = cg_tol ** 2, 0 without a tolerance: then the
-            # loop only ends early at r == 0, where further iterations would not change x)
+            # stop once ||r|| <= max(cg_tol, eps) ||r_0|| (cg_tol2 is its square): past the machine-precision
+            # floor the recursive residual underflows and CG diverges
             b_thresh = cg_tol2 * b_rs
             i_it = tl.full([], 0, tl.int32)
             while (i_it < cg_steps) & (b_rs > b_thresh):
@@ -255,12 +255,10 @@ def fused_recurrent_mesa_fwd_triton(
     o = torch.empty_like(v)
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device).contiguous()
-    # without a tolerance every token runs cg_steps iterations (an exactly zero residual ending it sooner
-    # changes nothing), as chunk_mesa counts them
     iters = None
-    store_iters = return_cg_iters and cg_tol is not None and cg_steps > 0
+    store_iters = return_cg_iters and cg_steps > 0
     if return_cg_iters:
-        iters = torch.full((B, T, H), 0 if store_iters else cg_steps, dtype=torch.int32, device=q.device)
+        iters = torch.zeros((B, T, H), dtype=torch.int32, device=q.device)
 
     BK, BC, BV, num_warps = kernel_config(K, V)
     init = 0 if cg_steps == 0 else {'jacobi': 1, 'zero': 2}[cg_init]
@@ -281,7 +279,7 @@ def fused_recurrent_mesa_fwd_triton(
             cu_seqlens=cu_seqlens,
             T=T,
             cg_steps=cg_steps,
-            cg_tol2=0. if cg_tol is None else float(cg_tol) ** 2,
+            cg_tol2=cg_threshold(cg_tol, torch.float32),
             H=H,
             K=K,
             V=V,
@@ -355,7 +353,7 @@ def fused_recurrent_mesa_fwd_torch(
     else:
         h_kk, h_kv = (s.to(device=q.device, dtype=dtype, copy=True) for s in initial_state)
 
-    tol2 = 0. if cg_tol is None else float(cg_tol) ** 2
+    tol2 = cg_threshold(cg_tol, dtype)
     outs, counts = [], []
     for t in range(T_pad):
         decay = g[:, t].exp()[..., None, None]
@@ -368,7 +366,7 @@ def fused_recurrent_mesa_fwd_torch(
             # H_t^T p, as fla reads a [K, K] state (H_t is symmetric up to rounding), like the references
             return torch.einsum('nhji,nhj->nhi', h_kk, p) + lamb * p
 
-        count = torch.full(b.shape[:-1], cg_steps, dtype=torch.int32, device=b.device)
+        count = torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
         if cg_steps == 0:
             x = b
         else:
@@ -381,15 +379,12 @@ def fused_recurrent_mesa_fwd_torch(
             p = r
             rs = (r * r).sum(-1, keepdim=True)
             thresh = tol2 * rs
-            if cg_tol is not None:
-                count.zero_()
             for _ in range(cg_steps):
-                # a (sequence, head) whose residual reached the tolerance (or 0) keeps its x from here on
+                # a (sequence, head) whose residual reached the threshold keeps its x from here on
                 active = rs > thresh
                 if not bool(active.any()):
                     break
-                if cg_tol is not None:
-                    count += active[..., 0].int()
+                count += active[..., 0].int()
                 ap = matvec(p)
                 pap = (p * ap).sum(-1, keepdim=True)
                 alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)
@@ -473,7 +468,8 @@ def fused_recurrent_mesa(
             the most CG iterations per token. `0` skips the solve (x = q: gated linear attention). Default: `30`.
         cg_tol (Optional[float]):
             stop a token's CG once `||r_k|| <= cg_tol * ||r_0||` (r_0: the residual of the start), in (0, 1).
-            `None` runs `cg_steps` iterations (stopping only at an exactly zero residual). Default: `None`.
+            `None` runs `cg_steps` iterations, or fewer for tokens whose residual reaches the machine-precision
+            floor `eps * ||r_0||`. Default: `None`.
         cg_init (str):
             the CG start: `'jacobi'` (x0 = q / (diag(H_t) + lamb), the paper's) or `'zero'`. Default: `'jacobi'`.
         initial_state (Optional[Tuple[torch.Tensor, torch.Tensor]]):
@@ -487,8 +483,8 @@ def fused_recurrent_mesa(
         use_qk_l2norm_in_kernel (Optional[bool]):
             Whether to l2-normalise q and k (over K) in the kernel (fla's `l2norm`). Default: `False`.
         return_cg_iters (bool):
-            also return the CG iterations each token ran before meeting `cg_tol` (int32 `[B, T, H]`; every
-            token gets `cg_steps` without a tolerance, as in `chunk_mesa`). Default: `False`.
+            also return the CG iterations each token ran (int32 `[B, T, H]`), as in `chunk_mesa`.
+            Default: `False`.
 
     Returns:
         o (torch.Tensor):
@@ -505,9 +501,8 @@ def fused_recurrent_mesa(
         store. The CPU runs the same algorithm in PyTorch, batched over sequences and heads, in float64 for
         float64 inputs. There is no backward: calling `.backward()` through the outputs raises
         `NotImplementedError` (run decoding under `torch.no_grad()`; train with `chunk_mesa`).
-        `cg_tol` is judged per token here, while `chunk_mesa` stops a chunk once all its tokens meet it, so
-        with a tolerance a prefill-then-decode differs from one `chunk_mesa` call at the tolerance's level;
-        without one (or once CG has converged) they agree to rounding.
+        The stopping rule is `chunk_mesa`'s: each token stops at `max(cg_tol, eps) * ||r_0||`, so a
+        prefill-then-decode agrees with one `chunk_mesa` call to rounding.
         A warm start from the previous token's solution is not offered: x_{t-1} solves a system with another
         right-hand side (q_{t-1}), and carrying it would add a third state tensor to the `(h_kk, h_kv)` format.
 

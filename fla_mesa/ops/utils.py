@@ -22,6 +22,15 @@ def cg_init_guess(b: torch.Tensor, diag: torch.Tensor, cg_init: str) -> torch.Te
     return torch.zeros_like(b)
 
 
+def cg_threshold(cg_tol: float | None, dtype: torch.dtype) -> float:
+    """The square of the relative residual at which a token's CG stops: `max(cg_tol, eps(dtype)) ** 2`.
+
+    Without a tolerance a token still stops at the machine-precision floor: iterating past it lets the
+    recursively updated residual underflow, after which CG diverges.
+    """
+    return max(cg_tol or 0., torch.finfo(dtype).eps) ** 2
+
+
 def forget_gate_cap(g: torch.Tensor, beta: torch.Tensor, cap: float | None) -> torch.Tensor:
     r"""The paper's guard against runs of one repeated token (MesaNet, appendix G.5).
 
