@@ -64,9 +64,8 @@ class MesaAttention(nn.Module):
         norm_eps (float): epsilon of the output norm. Default: 1e-5.
 
     Attributes:
-        record_cg_iters (bool): when `True`, chunk-mode calls ask the kernel how many CG iterations each token used
-            and store them (int tensor `[B, T, H]`, 0 at padding) in `last_cg_iters`; decoding calls through the
-            recurrent kernel, which does not report them, set `last_cg_iters = None`. Default: `False`.
+        record_cg_iters (bool): when `True`, every call asks the kernel how many CG iterations each token used and
+            stores them (int tensor `[B, T, H]`, 0 at padding) in `last_cg_iters`. Default: `False`.
     """
 
     def __init__(
@@ -273,15 +272,11 @@ class MesaAttention(nn.Module):
 
         cg_kwargs = dict(cg_steps=cg_steps, cg_tol=self.cg_tol, cg_init=self.cg_init, initial_state=recurrent_state,
                          output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
-        cg_iters = None
-        if use_recurrent:
-            o, recurrent_state = fused_recurrent_mesa(q, k, v, g, beta, lamb, **cg_kwargs)
-        elif self.record_cg_iters:
-            o, recurrent_state, cg_iters = chunk_mesa(q, k, v, g, beta, lamb, return_cg_iters=True, **cg_kwargs)
-        else:
-            o, recurrent_state = chunk_mesa(q, k, v, g, beta, lamb, **cg_kwargs)
+        op = fused_recurrent_mesa if use_recurrent else chunk_mesa
+        o, recurrent_state, *cg_iters = op(q, k, v, g, beta, lamb, return_cg_iters=self.record_cg_iters, **cg_kwargs)
         if self.record_cg_iters:
-            if cg_iters is not None and indices is not None:
+            cg_iters = cg_iters[0]
+            if indices is not None:
                 cg_iters = pad_input(cg_iters.squeeze(0), indices, batch_size, q_len)
             self.last_cg_iters = cg_iters
 

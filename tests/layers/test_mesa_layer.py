@@ -217,6 +217,13 @@ def test_record_cg_iters():
     layer.cg_tol = 0.3
     layer(x, attention_mask=mask)
     assert (layer.last_cg_iters <= it).all() and layer.last_cg_iters.sum() < it.sum()
+    # decoding through the recurrent kernel reports its counts too
+    cache = Cache()
+    with torch.no_grad():
+        layer(x[:, :7], past_key_values=cache, use_cache=True)
+        layer(x[:, 7:], past_key_values=cache, use_cache=True)
+    it = layer.last_cg_iters
+    assert it.shape == (2, 1, H) and (it >= 1).all() and (it <= layer.decode_cg_steps).all()
 
 
 @pytest.mark.parametrize('pattern_len', [1, 3])
