@@ -14,13 +14,13 @@ from fla.layers.utils import get_layer_cache, pad_input, repad_hidden_states, un
 
 from fla_mesa.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa
+from fla_mesa.ops.utils import CG_INITS
 from fla_mesa.ops.utils import forget_gate_cap as apply_forget_gate_cap
 
 if TYPE_CHECKING:
     from fla.models.cache_utils import Cache
 
 MODES = ('chunk', 'fused_recurrent')
-CG_INITS = ('jacobi', 'zero')
 # longest chunk (tokens per sequence) that continues a cached state through the recurrent kernel
 MAX_DECODE_LEN = 64
 
