@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, pad_to_chunks
+from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, decay_matrix, pad_to_chunks
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
 
@@ -201,12 +201,13 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
     of `chunk_size`, every tensor in the compute dtype."""
     B, T, H, K = b.shape
     kb = beta[..., None] * k
+    decay = decay_matrix(gc, chunk_size)
 
     def matvec(p):
-        return chunk_output(p, k, kb, h_kk, gc, chunk_size) + lamb * p
+        return chunk_output(p, k, kb, h_kk, gc, chunk_size, decay) + lamb * p
 
     if cg_init == 'jacobi':
-        x = cg_init_guess(b, chunk_diag(k, beta, gc, h_kk, chunk_size) + lamb, cg_init)
+        x = cg_init_guess(b, chunk_diag(k, beta, gc, h_kk, chunk_size, decay) + lamb, cg_init)
         r = b - matvec(x)
     else:
         x, r = torch.zeros_like(b), b

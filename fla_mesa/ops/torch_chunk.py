@@ -24,7 +24,7 @@ def chunk_cumsum(g: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return g.view(B, T // chunk_size, chunk_size, H).cumsum(2).view(B, T, H)
 
 
-def _decay_matrix(gc: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def decay_matrix(gc: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """exp(gc_i - gc_j) for j <= i inside each chunk, else 0: `[B, NT, H, C, C]`."""
     B, T, H = gc.shape
     gcc = gc.view(B, T // chunk_size, chunk_size, H).transpose(2, 3)
@@ -49,24 +49,32 @@ def chunk_states(k, v, gc, h0, chunk_size):
     return (torch.stack(states, dim=1) if states else k.new_zeros(B, 0, H, K, V)), h
 
 
-def chunk_output(q, k, v, h, gc, chunk_size):
-    """o_t = exp(gc_t) q_t S_c + sum_{s <= t in chunk} exp(gc_t - gc_s) (q_t . k_s) v_s, `[B, T, H, V]`."""
+def chunk_output(q, k, v, h, gc, chunk_size, decay=None):
+    """o_t = exp(gc_t) q_t S_c + sum_{s <= t in chunk} exp(gc_t - gc_s) (q_t . k_s) v_s, `[B, T, H, V]`.
+
+    `decay` is `decay_matrix(gc, chunk_size)`, when the caller has it already.
+    """
+    if decay is None:
+        decay = decay_matrix(gc, chunk_size)
     B, T, H, K = q.shape
     V, NT = v.shape[-1], T // chunk_size
     qc = q.view(B, NT, chunk_size, H, K)
     gcc = gc.view(B, NT, chunk_size, H)
     inter = torch.einsum('bnchk,bnhkv->bnchv', qc * gcc.exp()[..., None], h)
-    scores = torch.einsum('bnihk,bnjhk->bnhij', qc, k.view(B, NT, chunk_size, H, K)) * _decay_matrix(gc, chunk_size)
+    scores = torch.einsum('bnihk,bnjhk->bnhij', qc, k.view(B, NT, chunk_size, H, K)) * decay
     intra = torch.einsum('bnhij,bnjhv->bnihv', scores, v.view(B, NT, chunk_size, H, V))
     return (inter + intra).reshape(B, T, H, V)
 
 
-def chunk_diag(k, beta, gc, h_kk, chunk_size):
-    """diag(H_t) for every t, `[B, T, H, K]`: a decayed cumulative sum of beta * k * k inside each chunk."""
+def chunk_diag(k, beta, gc, h_kk, chunk_size, decay):
+    """diag(H_t) for every t, `[B, T, H, K]`: a decayed cumulative sum of beta * k * k inside each chunk.
+
+    `decay` is `decay_matrix(gc, chunk_size)`.
+    """
     B, T, H, K = k.shape
     NT = T // chunk_size
     gcc = gc.view(B, NT, chunk_size, H)
     inter = gcc.exp()[..., None] * torch.diagonal(h_kk, dim1=-2, dim2=-1)[:, :, None]
     kk = (beta[..., None] * k * k).view(B, NT, chunk_size, H, K)
-    intra = torch.einsum('bnhij,bnjhk->bnihk', _decay_matrix(gc, chunk_size), kk)
+    intra = torch.einsum('bnhij,bnjhk->bnihk', decay, kk)
     return (inter + intra).reshape(B, T, H, K)
