@@ -63,8 +63,7 @@ def log(msg: str, rank: int) -> None:
 def no_decay_names(model) -> set[str]:
     """Names of the parameters without weight decay, decided before wrapping (FSDP2 replaces the Parameter
     objects, which drops the `_no_weight_decay` flags)."""
-    return {n for n, p in model.named_parameters()
-            if p.dim() < 2 or getattr(p, '_no_weight_decay', False) or 'embed' in n}
+    return {n for n, p in model.named_parameters() if common.no_weight_decay(n, p)}
 
 
 def make_optimizer(model, lr: float, nd: set[str]):
@@ -107,13 +106,8 @@ def train(model, opt, data_iter, cfg, device, rank, world, use_ac, label) -> lis
     t0 = common.now(device)
     for step in range(cfg['steps']):
         ids = next(data_iter)[rank * per_rank:(rank + 1) * per_rank].to(device)
-        common.set_lr(opt, common.lr_at(step, cfg['steps'], cfg['lr'], warmup))
-        with common.autocast(device, use_ac):
-            loss = common.causal_lm_loss(model, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = common.lm_train_step(model, opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup), device,
+                                    use_ac)
         lv = loss.detach().float()
         if world > 1:
             dist.all_reduce(lv, op=dist.ReduceOp.SUM)
@@ -147,11 +141,7 @@ def main(argv=None) -> int:
         backend = 'gloo'
     if world > 1:
         dist.init_process_group(backend=backend)
-    cfg = dict(PRESETS['tiny' if args.tiny else 'default'])
-    for k in list(cfg):
-        v = getattr(args, k, None)
-        if v is not None:
-            cfg[k] = v
+    cfg = common.with_overrides(PRESETS['tiny' if args.tiny else 'default'], args)
     if args.check and args.steps is None:
         cfg['steps'] = min(cfg['steps'], 10)  # a check compares a few steps; trajectories drift apart later
     if cfg['global_batch'] % world:

@@ -1,5 +1,6 @@
 """Helpers shared by the LM demo, the model comparison, MQAR and the distributed script: device/precision choice,
-Mesa config for the byte vocab, optimiser and schedule, evaluation, CG-iteration telemetry, versions.
+Mesa config for the byte vocab, optimiser, schedule and training step, evaluation, CG-iteration telemetry, versions,
+and the setup, JSON, plot and table reporting shared by the model comparison and MQAR.
 
 The scripts put the repository root first on `sys.path` (`ensure_repo_on_path`), so they use this checkout's
 `fla_mesa` even where an older (or namespace-only) editable install is on the path.
@@ -8,6 +9,7 @@ The scripts put the repository root first on `sys.path` (`ensure_repo_on_path`),
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -31,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import zoo  # noqa: E402
 from corpus import BOS, BYTE_VOCAB, EOS, VOCAB_SIZE  # noqa: E402
 
 
@@ -41,6 +44,70 @@ def pick_device(name: str = 'auto') -> torch.device:
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available here")
     return dev
+
+
+def setup_device(name: str, threads: int | None) -> torch.device:
+    """`pick_device(name)`, with `threads` torch CPU threads (default 1 on CPU)."""
+    device = pick_device(name)
+    if threads or device.type == 'cpu':
+        torch.set_num_threads(threads or 1)
+    return device
+
+
+def with_overrides(cfg: dict, args) -> dict:
+    """A copy of `cfg` where each key that `args` sets (not None) takes the value from `args`."""
+    out = dict(cfg)
+    for key in out:
+        v = getattr(args, key, None)
+        if v is not None:
+            out[key] = v
+    return out
+
+
+def start_run(args, resolve) -> tuple[torch.device, dict, list[str], dict]:
+    """Device and threads, `resolve(args)` config and `--models` of a model comparison (refusing fla's GPU-only
+    models off CUDA); prints the versions and the setup. Returns (device, config, model names, versions)."""
+    device = setup_device(args.device, args.threads)
+    cfg = resolve(args)
+    names = zoo.parse_models(args.models)
+    if device.type != 'cuda':
+        gpu_only = [n for n in names if n in zoo.GPU_ONLY]
+        if gpu_only:
+            raise SystemExit(f"{gpu_only} need CUDA (fla's Triton kernels); on CPU run --models mesa")
+    vers = versions()
+    print(f"versions: {vers}\nseed {args.seed}, device {device}, config {cfg}, models {names}")
+    return device, cfg, names, vers
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, 'w') as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def show_plot(plot, results: list[dict], path: str) -> None:
+    png = plot(results, path)
+    print(f"plot: {png or 'not written (matplotlib is not installed)'}")
+
+
+def merge_runs(paths: list[str], png: str, plot, table) -> dict:
+    """Plot and print the table of the results of several `--out` files together (config of the first)."""
+    runs = [json.load(open(p)) for p in paths]
+    results = [r for run in runs for r in run['results']]
+    cfg = runs[0]['config']
+    show_plot(plot, results, png)
+    print(table(results, cfg))
+    return {'results': results, 'config': cfg}
+
+
+def finish_run(args, out: dict, default_png: str, plot, table) -> dict:
+    """Reports a finished comparison `out`: where `--out` went, the plot (`--png`, else next to `--out`, else
+    `default_png`), versions and seed, then the table."""
+    if args.out:
+        print(f"results written to {args.out}")
+    show_plot(plot, out['results'], args.png or (os.path.splitext(args.out)[0] + '.png' if args.out else default_png))
+    print(f"versions: {out['versions']}; seed {args.seed}\n")
+    print(table(out['results'], out['config']))
+    return out
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -104,15 +171,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are listed once
 
 
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, norm weights, embeddings and parameters flagged `_no_weight_decay` (Mesa's lambda, Mamba-gate
+    parameters) are not decayed."""
+    return p.dim() < 2 or getattr(p, '_no_weight_decay', False) or 'embed' in name
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-8,
                    fused: bool = False):
-    """AdamW as the paper (wd 0.1, betas (0.9, 0.98)); no decay for biases, norm weights, embeddings and
-    parameters flagged `_no_weight_decay` (Mesa's lambda, Mamba-gate parameters)."""
+    """AdamW as the paper (wd 0.1, betas (0.9, 0.98)); no decay for the parameters of `no_weight_decay`."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or getattr(p, '_no_weight_decay', False) or 'embed' in name:
+        if no_weight_decay(name, p):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -139,11 +211,30 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
+def optimizer_step(model: nn.Module, opt, loss: torch.Tensor) -> None:
+    """Backward of `loss`, gradient norm clipped at 1, optimiser step, gradients cleared."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def lm_train_step(model: nn.Module, opt, ids: torch.Tensor, lr: float, device: torch.device,
+                  use_autocast: bool = True) -> torch.Tensor:
+    """One training step at learning rate `lr` on the next-token loss of `ids`; returns the loss."""
+    set_lr(opt, lr)
+    with autocast(device, use_autocast):
+        loss = causal_lm_loss(model, ids)
+    optimizer_step(model, opt, loss)
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: torch.Tensor, device: torch.device, batch_size: int = 16,
-             use_autocast: bool = True) -> dict:
+             use_autocast: bool = True, on_batch=None) -> dict:
     """Validation over fixed windows: `loss` (nats per token, all targets), `bpb` (bits per byte: byte targets only,
-    BOS/EOS targets left out) and `tokens`. Computes the cross entropy itself from the logits (float32)."""
+    BOS/EOS targets left out) and `tokens`. Computes the cross entropy itself from the logits (float32). Calls
+    `on_batch()`, if given, after each batch."""
     was_training = model.training
     model.eval()
     tot_nats, tot_n, byte_nats, byte_n = 0.0, 0, 0.0, 0
@@ -157,6 +248,8 @@ def evaluate(model: nn.Module, windows: torch.Tensor, device: torch.device, batc
         tot_n += nll.numel()
         byte_nats += nll[is_byte].sum().item()
         byte_n += int(is_byte.sum())
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'tokens': tot_n}
 
@@ -189,33 +282,20 @@ def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.de
     all (token, head) pairs, plus the mean over heads per layer (`per_head_mean`)."""
     per_layer: dict[int, list] = {}
     with cg_setting(model, max_steps, cg_tol, record=True) as layers:
-        was_training = model.training
-        model.eval()
-        tot_nats, tot_n, byte_nats, byte_n = 0.0, 0, 0.0, 0
-        for i in range(0, windows.shape[0], batch_size):
-            ids = windows[i:i + batch_size].to(device)
-            with autocast(device, use_autocast):
-                logits = model(input_ids=ids[:, :-1]).logits
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction='none')
-            is_byte = (ids[:, 1:] < BYTE_VOCAB).reshape(-1)
-            tot_nats += nll.sum().item()
-            tot_n += nll.numel()
-            byte_nats += nll[is_byte].sum().item()
-            byte_n += int(is_byte.sum())
+        def record():
             for j, m in enumerate(layers):
                 if m.last_cg_iters is None:
                     raise RuntimeError(f"Mesa layer {j} recorded no CG iterations (record_cg_iters=True)")
                 per_layer.setdefault(j, []).append(m.last_cg_iters.detach().cpu())
-        model.train(was_training)
+
+        ev = evaluate(model, windows, device, batch_size, use_autocast, on_batch=record)
     stats = {}
     for j, its in per_layer.items():
         it = torch.cat([t.reshape(-1, t.shape[-1]) for t in its]).float()  # [tokens, heads]
         stats[j] = {'mean': it.mean().item(), 'median': it.median().item(), 'max': int(it.max().item()),
                     'per_head_mean': [round(x, 2) for x in it.mean(0).tolist()]}
     all_mean = sum(s['mean'] for s in stats.values()) / max(1, len(stats))
-    return {'loss': tot_nats / tot_n, 'bpb': byte_nats / max(1, byte_n) / math.log(2), 'cg_tol': cg_tol,
-            'max_steps': max_steps, 'mean_iters': all_mean,
+    return {'loss': ev['loss'], 'bpb': ev['bpb'], 'cg_tol': cg_tol, 'max_steps': max_steps, 'mean_iters': all_mean,
             'layers': stats}
 
 

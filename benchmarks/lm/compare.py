@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -70,12 +69,7 @@ def parse_args(argv=None):
 
 def resolve(args) -> dict:
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
-    cfg = dict(PRESETS[preset], preset=preset)
-    for key in list(cfg):
-        v = getattr(args, key, None)
-        if v is not None and key != 'preset':
-            cfg[key] = v
-    return cfg
+    return common.with_overrides(dict(PRESETS[preset], preset=preset), args)
 
 
 def interp(curve: list[dict], t: float) -> float | None:
@@ -98,16 +92,6 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
     print(f"\n=== {name}: {info}")
     fused_opt = device.type == 'cuda'
 
-    def step_fn(opt, ids, lr):
-        common.set_lr(opt, lr)
-        with common.autocast(device, use_ac):
-            loss = common.causal_lm_loss(model, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
     # untimed steps that compile/autotune the kernels; the weights are restored afterwards
     if cfg['compile_steps'] > 0:
         state = copy.deepcopy(model.state_dict())
@@ -115,7 +99,7 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
         warm = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=args.seed + 10_000)
         t0 = common.now(device)
         for _ in range(cfg['compile_steps']):
-            step_fn(opt, next(warm).to(device), 0.0)
+            common.lm_train_step(model, opt, next(warm).to(device), 0.0, device, use_ac)
         common.evaluate(model, val[:2], device, use_autocast=use_ac)
         print(f"  warm-up ({cfg['compile_steps']} untimed steps, lr 0, weights restored): "
               f"{common.now(device) - t0:.1f}s")
@@ -135,7 +119,8 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
     for step in bar:
         ids = next(batches).to(device, non_blocking=True)
         t0 = common.now(device)
-        loss = step_fn(opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup))
+        loss = common.lm_train_step(model, opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup), device,
+                                    use_ac)
         lv = loss.item()
         train_time += common.now(device) - t0
         train_losses.append(lv)
@@ -246,24 +231,8 @@ def plot(results: list[dict], path: str) -> str | None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
-        runs = [json.load(open(p)) for p in args.merge]
-        results = [r for run in runs for r in run['results']]
-        cfg = runs[0]['config']
-        png = plot(results, args.png or 'compare.png')
-        print(f"plot: {png or 'not written (matplotlib is not installed)'}")
-        print(tables(results, cfg))
-        return {'results': results, 'config': cfg}
-    device = common.pick_device(args.device)
-    if args.threads or device.type == 'cpu':
-        torch.set_num_threads(args.threads or 1)
-    cfg = resolve(args)
-    names = zoo.parse_models(args.models)
-    if device.type != 'cuda':
-        gpu_only = [n for n in names if n in zoo.GPU_ONLY]
-        if gpu_only:
-            raise SystemExit(f"{gpu_only} need CUDA (fla's Triton kernels); on CPU run --models mesa")
-    vers = common.versions()
-    print(f"versions: {vers}\nseed {args.seed}, device {device}, config {cfg}, models {names}")
+        return common.merge_runs(args.merge, args.png or 'compare.png', plot, tables)
+    device, cfg, names, vers = common.start_run(args, resolve)
     t0 = time.perf_counter()
     data = corpus.ByteCorpus.load()
     val = corpus.fixed_windows(data.val, cfg['val_windows'], cfg['seq_len'] + 1)
@@ -283,16 +252,8 @@ def main(argv=None) -> dict:
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
         if args.out:  # after every model, so a run cut short keeps what it finished
-            with open(args.out, 'w') as f:
-                json.dump(out, f, indent=2, default=str)
-    if args.out:
-        print(f"results written to {args.out}")
-    png_path = args.png or (os.path.splitext(args.out)[0] + '.png' if args.out else 'compare.png')
-    png = plot(results, png_path)
-    print(f"plot: {png or 'not written (matplotlib is not installed)'}")
-    print(f"versions: {vers}; seed {args.seed}\n")
-    print(tables(results, cfg))
-    return out
+            common.write_json(args.out, out)
+    return common.finish_run(args, out, 'compare.png', plot, tables)
 
 
 if __name__ == '__main__':

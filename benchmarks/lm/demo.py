@@ -16,7 +16,6 @@ On CUDA: bf16 autocast (fp32 weights) and fla's fused Triton modules.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -70,20 +69,12 @@ def parse_args(argv=None):
 
 def resolve(args, device):
     preset = 'big' if (args.big or (device.type == 'cuda' and not args.small)) else 'cpu'
-    cfg = dict(PRESETS[preset])
-    for key in cfg:
-        v = getattr(args, key, None)
-        if v is not None:
-            cfg[key] = v
-    cfg['preset'] = preset
-    return cfg
+    return common.with_overrides(dict(PRESETS[preset], preset=preset), args)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = common.pick_device(args.device)
-    if args.threads or device.type == 'cpu':
-        torch.set_num_threads(args.threads or 1)
+    device = common.setup_device(args.device, args.threads)
     cfg = resolve(args, device)
     torch.manual_seed(args.seed)
     from fla_mesa import MesaForCausalLM
@@ -119,14 +110,8 @@ def main(argv=None) -> dict:
     bar = common.progress(range(cfg['steps']), desc='train', disable=args.no_progress, dynamic_ncols=True,
                           mininterval=1.0)
     for step in bar:
-        common.set_lr(opt, common.lr_at(step, cfg['steps'], cfg['lr'], warmup))
         ids = next(batches).to(device, non_blocking=True)
-        with common.autocast(device):
-            loss = common.causal_lm_loss(model, ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = common.lm_train_step(model, opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup), device)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"non-finite training loss at step {step}: {losses[-1]}")
@@ -174,8 +159,7 @@ def main(argv=None) -> dict:
         'peak_memory_mb': common.peak_memory_mb(device),
     }
     if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(metrics, f, indent=2, default=str)
+        common.write_json(args.out, metrics)
         print(f"metrics written to {args.out}")
     return metrics
 

@@ -18,7 +18,6 @@ The full grid takes longer than 10 minutes: split it with --models / --widths / 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -73,11 +72,7 @@ def parse_args(argv=None):
 
 def resolve(args) -> dict:
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
-    cfg = dict(PRESETS[preset], preset=preset)
-    for key in list(cfg):
-        v = getattr(args, key, None)
-        if v is not None and key != 'preset':
-            cfg[key] = v
+    cfg = common.with_overrides(dict(PRESETS[preset], preset=preset), args)
     cfg['widths'] = [int(x) for x in str(cfg['widths']).split(',')]
     cfg['seq_lens'] = [int(x) for x in str(cfg['seq_lens']).split(',')]
     cfg['lrs'] = [float(x) for x in str(cfg['lrs']).split(',')]
@@ -131,10 +126,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
         with common.autocast(device, use_ac):
             logits = model(input_ids=x).logits
         loss = mqar_loss(logits, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        common.optimizer_step(model, opt, loss)
         last = loss.item()
         if not math.isfinite(last):
             raise RuntimeError(f"non-finite loss {last} at step {step}")
@@ -217,31 +209,14 @@ def plot(results, path):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.merge:
-        runs = [json.load(open(p)) for p in args.merge]
-        results = [r for run in runs for r in run['results']]
-        cfg = runs[0]['config']
-        png = plot(results, args.png or 'mqar.png')
-        print(f"plot: {png or 'not written (matplotlib is not installed)'}")
-        print(best_table(results, cfg))
-        return {'results': results, 'config': cfg}
-    device = common.pick_device(args.device)
-    if args.threads or device.type == 'cpu':
-        torch.set_num_threads(args.threads or 1)
-    cfg = resolve(args)
-    names = zoo.parse_models(args.models)
-    if device.type != 'cuda':
-        gpu_only = [n for n in names if n in zoo.GPU_ONLY]
-        if gpu_only:
-            raise SystemExit(f"{gpu_only} need CUDA (fla's Triton kernels); on CPU run --models mesa")
-    vers = common.versions()
-    print(f"versions: {vers}\nseed {args.seed}, device {device}, config {cfg}, models {names}")
+        return common.merge_runs(args.merge, args.png or 'mqar.png', plot, best_table)
+    device, cfg, names, vers = common.start_run(args, resolve)
     results = []
     out = {'config': cfg, 'seed': args.seed, 'versions': vers, 'device': str(device), 'results': results}
 
     def save():  # after every cell, so a run cut short keeps what it finished
         if args.out:
-            with open(args.out, 'w') as f:
-                json.dump(out, f, indent=2, default=str)
+            common.write_json(args.out, out)
 
     for L in cfg['seq_lens']:
         D = max(1, L // cfg['kv_ratio'])
@@ -263,13 +238,7 @@ def main(argv=None) -> dict:
                         if device.type == 'cuda':
                             torch.cuda.empty_cache()
                     save()
-    if args.out:
-        print(f"results written to {args.out}")
-    png = plot(results, args.png or (os.path.splitext(args.out)[0] + '.png' if args.out else 'mqar.png'))
-    print(f"plot: {png or 'not written (matplotlib is not installed)'}")
-    print(f"versions: {vers}; seed {args.seed}\n")
-    print(best_table(results, cfg))
-    return out
+    return common.finish_run(args, out, 'mqar.png', plot, best_table)
 
 
 if __name__ == '__main__':
