@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.utils import cg_threshold, check_inputs, l2norm
+from fla_mesa.ops.utils import cg_threshold, check_inputs, l2norm, step_states
 
 
 @triton.jit(do_not_specialize=['T', 'cg_steps', 'cg_tol2'])
@@ -356,10 +356,7 @@ def fused_recurrent_mesa_fwd_torch(
     tol2 = cg_threshold(cg_tol, dtype)
     outs, counts = [], []
     for t in range(T_pad):
-        decay = g[:, t].exp()[..., None, None]
-        bk = beta[:, t, :, None] * k[:, t]
-        h_kk = decay * h_kk + bk[..., :, None] * k[:, t, :, None, :]
-        h_kv = decay * h_kv + bk[..., :, None] * v[:, t, :, None, :]
+        h_kk, h_kv = step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
         b = q[:, t]
 
         def matvec(p):

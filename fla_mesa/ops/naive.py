@@ -9,7 +9,7 @@ float32, so float64 inputs give a float64 reference.
 """
 
 import torch
-from fla_mesa.ops.utils import cg_init_guess, l2norm
+from fla_mesa.ops.utils import cg_init_guess, l2norm, step_states
 
 
 def _prepare(q, k, v, g, beta, lamb, initial_state, use_qk_l2norm):
@@ -25,14 +25,6 @@ def _prepare(q, k, v, g, beta, lamb, initial_state, use_qk_l2norm):
     else:
         h_kk, h_kv = (s.to(dtype) for s in initial_state)
     return q, k, v, g, beta, lamb, h_kk, h_kv
-
-
-def _step_states(h_kk, h_kv, k_t, v_t, g_t, beta_t):
-    decay = g_t.exp()[..., None, None]
-    bk = beta_t[..., None] * k_t
-    h_kk = decay * h_kk + bk[..., :, None] * k_t[..., None, :]
-    h_kv = decay * h_kv + bk[..., :, None] * v_t[..., None, :]
-    return h_kk, h_kv
 
 
 def naive_recurrent_mesa(
@@ -58,7 +50,7 @@ def naive_recurrent_mesa(
     eye_lamb = torch.diag_embed(lamb)
     outs = []
     for t in range(q.shape[1]):
-        h_kk, h_kv = _step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
+        h_kk, h_kv = step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
         # fla reads a [K, K] state S as y = S^T x; H_t is symmetric, so this is H_t itself, and it gives a
         # caller's (symmetric) initial state the same gradient as the chunked op
         x = torch.linalg.solve(h_kk.transpose(-1, -2) + eye_lamb, q[:, t])
@@ -90,7 +82,7 @@ def naive_cg_mesa(
     q, k, v, g, beta, lamb, h_kk, h_kv = _prepare(q, k, v, g, beta, lamb, initial_state, use_qk_l2norm)
     outs = []
     for t in range(q.shape[1]):
-        h_kk, h_kv = _step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
+        h_kk, h_kv = step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
         b = q[:, t]
 
         def matvec(p):

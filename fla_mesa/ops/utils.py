@@ -15,6 +15,15 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+def step_states(h_kk, h_kv, k_t, v_t, g_t, beta_t):
+    """One step of H_t = exp(g_t) H_{t-1} + beta_t k_t k_t^T and S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T."""
+    decay = g_t.exp()[..., None, None]
+    bk = beta_t[..., None] * k_t
+    h_kk = decay * h_kk + bk[..., :, None] * k_t[..., None, :]
+    h_kv = decay * h_kv + bk[..., :, None] * v_t[..., None, :]
+    return h_kk, h_kv
+
+
 def cg_init_guess(b: torch.Tensor, diag: torch.Tensor, cg_init: str) -> torch.Tensor:
     """The CG starting point for `(H + diag(lamb)) x = b`: `b / diag(H + diag(lamb))` or zeros."""
     if cg_init == 'jacobi':
