@@ -52,6 +52,9 @@ def ops(steps):
     return {
         f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
         f'chunk_mesa, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa(q, k, v, g, b, l, cg_steps=steps)[0],
+        **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (
+            lambda q, k, v, g, b, l, tol=tol: chunk_mesa(q, k, v, g, b, l, cg_steps=steps, cg_tol=tol)[0])
+           for tol in ((1e-2, 1e-3) if steps == 30 else ())},
     }, {
         'fla chunk_simple_gla': lambda q, k, v, g, b, l: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
         'fla chunk_gated_delta_rule': lambda q, k, v, g, b, l: chunk_gated_delta_rule(q, k, v, g, b.to(q.dtype))[0],
@@ -119,9 +122,10 @@ def main():
         for steps in (30, 10):
             ours, fla = times[f'chunk_mesa, {steps} CG'], times[f'fla chunk_mesa_net, {steps} CG']
             print(f"| {steps} CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
-        per_iter = (times['chunk_mesa, 30 CG'][0] - times['chunk_mesa, 10 CG'][0]) / 20
-        flops = 2 * args.B * args.T * args.H * (D * D + 2 * 64 * D)  # p @ H_c and the two in-chunk products
-        print(f"\none CG iteration: {per_iter:.3f} ms, {flops / per_iter / 1e9:.0f} TFLOP/s (tf32 tensor cores)")
+        fla = times['fla chunk_mesa_net, 30 CG']
+        for tol in (1e-2, 1e-3):
+            ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
+            print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
         print(f"\n| accuracy, B=1 T={args.T} H=4 | rel. error of o vs float64 exact | steps (mean) |\n|---|---|---|")
         for name, e, s in accuracy(D, T=args.T):
             print(f"| {name} | {e:.2e} | {'' if s is None else f'{s:.1f}'} |")
