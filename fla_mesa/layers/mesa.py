@@ -63,6 +63,9 @@ class MesaAttention(nn.Module):
         layer_idx (int): index of the layer in the model (needed with a cache). Default: `None`.
         norm_eps (float): epsilon of the output norm. Default: 1e-5.
 
+    `forward(..., cg_steps=n)` runs one call (not decoding) with `n` CG steps instead of `cg_steps`; `MesaModel` uses
+    it to train with a random number of steps per batch (`MesaConfig.cg_steps_train_range`).
+
     Attributes:
         record_cg_iters (bool): when `True`, every call asks the kernel how many CG iterations each token used and
             stores them (int tensor `[B, T, H]`, 0 at padding) in `last_cg_iters`. Default: `False`.
@@ -245,7 +248,11 @@ class MesaAttention(nn.Module):
         # continuing a cached state with a few tokens: decoding
         is_decoding = recurrent_state is not None and q_len <= MAX_DECODE_LEN
         use_recurrent = not torch.is_grad_enabled() and (is_decoding or self.mode == 'fused_recurrent')
-        cg_steps = self.decode_cg_steps if is_decoding else self.cg_steps
+        cg_steps = self.cg_steps if kwargs.get('cg_steps') is None else kwargs['cg_steps']
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
+            raise ValueError(f"MesaAttention.forward: cg_steps must be an int >= 0, got {cg_steps!r}")
+        if is_decoding:
+            cg_steps = self.decode_cg_steps
 
         conv_state_q, conv_state_k = None, None
         if self.use_short_conv:

@@ -226,6 +226,23 @@ def test_record_cg_iters():
     assert it.shape == (2, 1, H) and (it >= 1).all() and (it <= layer.decode_cg_steps).all()
 
 
+def test_cg_steps_override_per_call():
+    layer = make_layer(cg_steps=30)
+    x = torch.randn(2, 9, D)
+    ref = make_layer(cg_steps=3)(x)[0]
+    assert torch.equal(layer(x, cg_steps=3)[0], ref)
+    assert not torch.equal(layer(x)[0], ref)
+    with pytest.raises(ValueError, match='cg_steps'):
+        layer(x, cg_steps=-1)
+    # decoding keeps decode_cg_steps
+    layer.record_cg_iters = True
+    cache = Cache()
+    with torch.no_grad():
+        layer(x[:, :8], past_key_values=cache, use_cache=True)
+        layer(x[:, 8:], past_key_values=cache, use_cache=True, cg_steps=1)
+    assert int(layer.last_cg_iters.max()) > 1
+
+
 @pytest.mark.parametrize('pattern_len', [1, 3])
 def test_repeated_input_is_stable_and_the_cap_matters(pattern_len):
     """4096 copies of one input vector (or of a short pattern), then fresh tokens: the paper's 'screaming' case

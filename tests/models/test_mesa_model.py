@@ -203,6 +203,38 @@ def test_model_level_cg_telemetry():
     assert all(it is None for it in model.get_cg_iters().values())
 
 
+@pytest.mark.parametrize('bad', [[3, 2], [-1, 2], [1.0, 2], [True, 2], [1, 2, 3], 4])
+def test_cg_steps_train_range_is_checked(bad):
+    with pytest.raises(ValueError, match='cg_steps_train_range'):
+        tiny_config(cg_steps_train_range=bad)
+
+
+def test_random_cg_steps_per_batch():
+    """Training draws one count per batch for every layer (the loss is that of a model fixed at that count, every
+    layer runs exactly that many iterations); evaluation uses cg_steps; the config round-trips."""
+    model = tiny_model(num_hidden_layers=3, cg_steps=30, cg_steps_train_range=[1, 4]).train()
+    assert MesaConfig.from_dict(model.config.to_dict()).cg_steps_train_range == [1, 4]
+    ids = torch.randint(0, V, (2, 12))
+    model.set_record_cg_iters(True)
+    drawn = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        n = int(torch.randint(1, 5, ()).item())
+        torch.manual_seed(seed)
+        loss = model(ids, labels=ids).loss
+        for it in model.get_cg_iters().values():
+            assert int(it.max()) == n
+        fixed = tiny_model(num_hidden_layers=3, cg_steps=n).train()
+        fixed.load_state_dict(model.state_dict())
+        assert torch.equal(fixed(ids, labels=ids).loss, loss)
+        drawn.append(n)
+    assert len(set(drawn)) > 1
+    model.eval()
+    with torch.no_grad():
+        model(ids)
+    assert max(int(it.max()) for it in model.get_cg_iters().values()) > 4
+
+
 def test_final_logit_softcapping_bounds_logits():
     model = tiny_model(final_logit_softcapping=30.0).eval()
     with torch.no_grad():

@@ -22,6 +22,12 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         attn (dict | list | None): fla's hybrid spec, e.g. `{"layers": [1, 3], "num_heads": 8}`: those layers are
             softmax attention (`fla.layers.attn.Attention`), which needs flash-attn and CUDA.
         final_logit_softcapping (float | None): logits = cap * tanh(logits / cap) (the paper: 30). Default: None.
+        cg_steps_train_range (list[int] | None): `[lo, hi]`: in training mode, each forward draws one number of CG
+            steps uniformly from it (torch's global generator) for every Mesa layer, instead of `cg_steps`; the
+            paper's open question (appendix J: "sample the number of CG steps during training"). The gradients stay
+            those of the exact solve (implicit differentiation), not of the unrolled steps, so they are exact only
+            where the drawn count has converged. Evaluation and decoding use `cg_steps` / `decode_cg_steps`.
+            Default: None (off).
         tie_word_embeddings (bool): tie the output head to the input embeddings (the paper ties). Default: True.
     """
 
@@ -47,6 +53,7 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         decode_cg_steps: int = 30,
         cg_tol: float | None = None,
         cg_init: str = 'jacobi',
+        cg_steps_train_range: tuple[int, int] | None = None,
         max_position_embeddings: int = 2048,
         hidden_ratio: int | None = 4,
         intermediate_size: int | None = None,
@@ -86,6 +93,7 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         self.decode_cg_steps = decode_cg_steps
         self.cg_tol = cg_tol
         self.cg_init = cg_init
+        self.cg_steps_train_range = cg_steps_train_range
         self.max_position_embeddings = max_position_embeddings
         self.hidden_ratio = hidden_ratio
         self.intermediate_size = intermediate_size
@@ -104,6 +112,13 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         self.vocab_size = vocab_size
 
         validate_loss_config(fuse_cross_entropy=fuse_cross_entropy, fuse_linear_cross_entropy=fuse_linear_cross_entropy)
+        if cg_steps_train_range is not None:
+            r = cg_steps_train_range
+            if not (isinstance(r, (list, tuple)) and len(r) == 2 and
+                    all(isinstance(n, int) and not isinstance(n, bool) for n in r) and 0 <= r[0] <= r[1]):
+                raise ValueError(f"MesaConfig: cg_steps_train_range must be None or a pair [lo, hi] of ints with "
+                                 f"0 <= lo <= hi, got {r!r}")
+            self.cg_steps_train_range = list(r)
         if final_logit_softcapping is not None:
             if not final_logit_softcapping > 0:
                 raise ValueError(f"MesaConfig: final_logit_softcapping must be None or > 0, got "

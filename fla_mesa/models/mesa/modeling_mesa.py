@@ -179,6 +179,11 @@ class MesaModel(MesaPreTrainedModel, FLAModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, past_key_values=None, **kwargs):
         kwargs = _take_cache_kwarg(dict(kwargs, past_key_values=past_key_values))
+        if self.training and self.config.cg_steps_train_range is not None and kwargs.get('cg_steps') is None:
+            # one count for every layer of this batch, fixed before the layers run, so that activation
+            # checkpointing recomputes with the same count
+            lo, hi = self.config.cg_steps_train_range
+            kwargs['cg_steps'] = int(torch.randint(lo, hi + 1, ()).item())
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                **kwargs)
 
