@@ -299,6 +299,49 @@ def test_shipped_configs_load_and_have_the_paper_sizes():
         assert lo < n < hi, (name, n)
 
 
+def test_flame_style_loading_and_deferred_init():
+    """flame imports `--experimental.custom_model_path` as a package from its directory (torchtitan's
+    `import_module_from_path`), builds the model on the meta device, marks every module uninitialised, moves it
+    with `to_empty` and calls `post_init()`: the model must come out initialised as a normally built one."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent('''
+        import importlib.util, os, sys
+        path = sys.argv[1]
+        spec = importlib.util.spec_from_file_location(os.path.basename(path), os.path.join(path, '__init__.py'))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        from transformers import AutoConfig
+        print(type(AutoConfig.from_pretrained(sys.argv[2])).__name__)
+    ''')
+    package = os.path.dirname(fla_mesa.__file__)
+    res = subprocess.run([sys.executable, '-c', script, package, os.path.join(CONFIG_DIR, 'mesa_140M.json')],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith('MesaConfig'), res.stderr[-2000:]
+
+    config = tiny_config(fuse_norm=False, fuse_swiglu=False, fuse_cross_entropy=False)
+    with torch.device('meta'):
+        model = AutoModelForCausalLM.from_config(config)
+    model.apply(lambda m: setattr(m, '_is_hf_initialized', False))
+    model.to_empty(device='cpu')
+    with torch.no_grad():
+        model.post_init()
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config)
+    for (name, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.isfinite(p).all(), name
+        if r.numel() > 1 and r.std() > 0:
+            assert 0.5 < (p.std() / r.std()).item() < 2 and abs((p.mean() - r.mean()).item()) < 0.1, name
+        else:
+            assert torch.equal(p, r), name
+    for block in model.model.layers:
+        assert torch.allclose(block.attn.get_lambda(), torch.ones_like(block.attn.get_lambda()))
+    ids = torch.randint(0, V, (2, 16))
+    assert torch.isfinite(model(ids, labels=ids).loss)
+
+
 @pytest.mark.gpu
 @cuda
 def test_cuda_bf16_model_train_step_and_generate():
