@@ -309,6 +309,51 @@ def format_cg_stats(st: dict) -> str:
     return '\n'.join(lines)
 
 
+TEST_TIME_SETTINGS = [(1, None), (2, None), (5, None), (10, None), (30, None), (30, 1e-2), (30, 1e-3), (30, 1e-4)]
+
+
+@torch.no_grad()
+def test_time_compute_table(model: nn.Module, windows: torch.Tensor, device: torch.device, prompt: torch.Tensor,
+                            decode_tokens: int = 32, settings=TEST_TIME_SETTINGS, batch_size: int = 16) -> list[dict]:
+    """The table the paper's reviewers asked for, one row per CG setting `(steps, tol)`: validation loss, mean CG
+    iterations per token (all layers and heads), prefill ms per token (the validation pass), greedy decode ms per
+    token (batch 1, cached, after `prompt`) and peak GPU memory of the two (None on CPU). `tol=None` still stops a
+    token at the float32 floor, so a fixed count is an upper bound; the mean iterations say what ran."""
+    rows = []
+    model.eval()
+    for steps, tol in settings:
+        its = []
+        with cg_setting(model, steps, tol, record=True) as layers:
+            if device.type == 'cuda':
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = now(device)
+            ev = evaluate(model, windows, device, batch_size,
+                          on_batch=lambda: its.extend(m.last_cg_iters.float().mean().item() for m in layers))
+            prefill = (now(device) - t0) / ev['tokens'] * 1e3
+            ids = prompt.to(device)
+            with autocast(device):
+                model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, use_cache=True)
+                t0 = now(device)
+                out = model.generate(input_ids=ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                                     do_sample=False, use_cache=True)
+                decode = (now(device) - t0) / (out.shape[1] - ids.shape[1]) * 1e3
+        rows.append({'cg_steps': steps, 'cg_tol': tol, 'loss': ev['loss'], 'bpb': ev['bpb'],
+                     'mean_iters': sum(its) / len(its), 'prefill_ms_per_token': prefill,
+                     'decode_ms_per_token': decode, 'peak_memory_mb': peak_memory_mb(device)})
+    return rows
+
+
+def format_test_time_table(rows: list[dict]) -> str:
+    lines = ["| CG setting | val loss | bits/byte | mean CG iterations | prefill ms/token | decode ms/token "
+             "| peak MiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        name = f"{r['cg_steps']} steps" if r['cg_tol'] is None else f"tol {r['cg_tol']:g} (<= {r['cg_steps']})"
+        mem = '' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {name} | {r['loss']:.4f} | {r['bpb']:.3f} | {r['mean_iters']:.2f} "
+                     f"| {r['prefill_ms_per_token']:.4f} | {r['decode_ms_per_token']:.2f} | {mem} |")
+    return '\n'.join(lines)
+
+
 def peak_memory_mb(device: torch.device) -> float | None:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20

@@ -9,7 +9,9 @@ EOS). Model: `MesaForCausalLM` from a `MesaConfig` (Mesa layers + SwiGLU MLPs, t
 fixed number of CG steps (`--cg-steps`, default 10 on the CPU preset for speed: the paper's appendix G.7 finds 10
 sufficient; the paper trains with 30); evaluation reports the validation loss with that fixed count, then with CG
 stopped at a relative residual `--eval-cg-tol` (default 1e-4, at most `--eval-cg-max` = 30 steps), along with how
-many iterations the tokens needed per layer (the layers' `record_cg_iters` telemetry).
+many iterations the tokens needed per layer (the layers' `record_cg_iters` telemetry), then the test-time-compute
+table the paper's reviewers asked for (validation loss, mean CG iterations, prefill and greedy-decode ms per token,
+peak GPU memory) at 1, 2, 5, 10 and 30 steps and at tolerances 1e-2, 1e-3 and 1e-4.
 On CUDA: bf16 autocast (fp32 weights) and fla's fused Triton modules.
 """
 
@@ -55,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument('--eval-cg-tol', type=float, default=1e-4)
     p.add_argument('--eval-cg-max', type=int, default=30)
     p.add_argument('--val-windows', type=int)
+    p.add_argument('--table-decode-tokens', type=int, default=64,
+                   help="greedy tokens decoded per CG setting for the decode ms/token column")
     p.add_argument('--gen-tokens', type=int)
     p.add_argument('--prompt', default='def ')
     p.add_argument('--temperature', type=float, default=0.8)
@@ -134,8 +138,13 @@ def main(argv=None) -> dict:
     cg = common.cg_iteration_stats(model, val, device, cg_tol=args.eval_cg_tol, max_steps=args.eval_cg_max)
     print(common.format_cg_stats(cg) + f"  [{time.perf_counter() - t_cg0:.1f}s]")
 
-    t_gen0 = time.perf_counter()
     prompt = corpus.encode_text(args.prompt)[None].to(device)
+    t_tab0 = time.perf_counter()
+    table = common.test_time_compute_table(model, val, device, prompt, decode_tokens=args.table_decode_tokens)
+    print(f"test-time compute: validation loss, CG iterations and speed per CG setting "
+          f"[{time.perf_counter() - t_tab0:.1f}s]\n" + common.format_test_time_table(table))
+
+    t_gen0 = time.perf_counter()
     model.eval()
     torch.manual_seed(args.seed)  # sampling draws from the global generator
     with torch.no_grad(), common.autocast(device):
@@ -155,7 +164,8 @@ def main(argv=None) -> dict:
         'versions': common.versions(), 'corpus_fingerprint': data.fingerprint,
         'val_start': val_start, 'val_end': val_end, 'train_loss_first': losses[0],
         'train_loss_last_mean': statistics.mean(losses[-k:]), 'train_losses': losses, 'train_seconds': train_s,
-        'tokens_per_second': tokens / train_s, 'cg_tol_eval': cg, 'sample': sample, 'total_seconds': total_s,
+        'tokens_per_second': tokens / train_s, 'cg_tol_eval': cg, 'test_time_table': table, 'sample': sample,
+        'total_seconds': total_s,
         'peak_memory_mb': common.peak_memory_mb(device),
     }
     if args.out:

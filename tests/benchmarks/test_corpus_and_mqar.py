@@ -201,7 +201,8 @@ def test_demo_smoke(tmp_path):
     out = tmp_path / 'demo.json'
     m = demo.main(['--device', 'cpu', '--steps', '6', '--hidden-size', '32', '--head-dim', '32', '--layers', '1',
                    '--seq-len', '32', '--batch-size', '4', '--val-windows', '4', '--gen-tokens', '5', '--lr', '1e-2',
-                   '--cg-steps', '3', '--eval-cg-max', '10', '--no-progress', '--out', str(out)])
+                   '--cg-steps', '3', '--eval-cg-max', '10', '--table-decode-tokens', '3', '--no-progress',
+                   '--out', str(out)])
     saved = json.loads(out.read_text())
     assert saved['val_end']['loss'] == pytest.approx(m['val_end']['loss'])
     assert math.isfinite(m['val_end']['loss'])
@@ -210,6 +211,13 @@ def test_demo_smoke(tmp_path):
     st = m['cg_tol_eval']
     assert set(st['layers']) == {0}
     assert 0 < st['layers'][0]['mean'] <= st['layers'][0]['max'] <= 10
+    rows = m['test_time_table']
+    assert [(r['cg_steps'], r['cg_tol']) for r in rows] == [(1, None), (2, None), (5, None), (10, None), (30, None),
+                                                            (30, 1e-2), (30, 1e-3), (30, 1e-4)]
+    assert rows[0]['mean_iters'] == 1.0 and all(r['mean_iters'] <= r['cg_steps'] for r in rows)
+    assert rows[-1]['mean_iters'] >= rows[-3]['mean_iters']  # a tighter tolerance never runs fewer iterations
+    assert rows[-1]['loss'] == pytest.approx(rows[4]['loss'], abs=1e-3)
+    assert all(r['prefill_ms_per_token'] > 0 and r['decode_ms_per_token'] > 0 for r in rows)
     assert isinstance(m['sample'], str) and m['sample'].startswith('def ')
 
 
