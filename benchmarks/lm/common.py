@@ -347,7 +347,8 @@ def format_test_time_table(rows: list[dict]) -> str:
     lines = ["| CG setting | val loss | bits/byte | mean CG iterations | prefill ms/token | decode ms/token "
              "| peak MiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"{r['cg_steps']} steps" if r['cg_tol'] is None else f"tol {r['cg_tol']:g} (<= {r['cg_steps']})"
+        steps = f"{r['cg_steps']} step{'' if r['cg_steps'] == 1 else 's'}"
+        name = steps if r['cg_tol'] is None else f"tol {r['cg_tol']:g} (<= {r['cg_steps']})"
         mem = '' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"| {name} | {r['loss']:.4f} | {r['bpb']:.3f} | {r['mean_iters']:.2f} "
                      f"| {r['prefill_ms_per_token']:.4f} | {r['decode_ms_per_token']:.2f} | {mem} |")
