@@ -76,6 +76,28 @@ def resolve(args, device):
     return common.with_overrides(dict(PRESETS[preset], preset=preset), args)
 
 
+def train(model, data, cfg: dict, device, seed: int, progress: bool = True) -> tuple[list[float], float]:
+    """`cfg['steps']` AdamW steps (warm-up + cosine to `cfg['lr']`) on seeded random training windows; returns the
+    losses and the training wall time."""
+    opt = common.make_optimizer(model, cfg['lr'], fused=device.type == 'cuda')
+    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=seed)
+    warmup = max(1, cfg['steps'] // 10)
+    losses = []
+    model.train()
+    t_train0 = common.now(device)
+    bar = common.progress(range(cfg['steps']), desc='train', disable=not progress, dynamic_ncols=True,
+                          mininterval=1.0)
+    for step in bar:
+        ids = next(batches).to(device, non_blocking=True)
+        loss = common.lm_train_step(model, opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup), device)
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"non-finite training loss at step {step}: {losses[-1]}")
+        bar.set_postfix(loss=f'{losses[-1]:.3f}')
+    bar.close()
+    return losses, common.now(device) - t_train0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.setup_device(args.device, args.threads)
@@ -97,10 +119,7 @@ def main(argv=None) -> dict:
           f"{cfg['head_dim']}, {n_params / 1e6:.2f}M params; training CG steps {cfg['cg_steps']}; "
           f"seq {cfg['seq_len']} x batch {cfg['batch_size']} x {cfg['steps']} steps, peak lr {cfg['lr']:g}")
 
-    opt = common.make_optimizer(model, cfg['lr'], fused=device.type == 'cuda')
-    batches = corpus.TrainBatches(data.train, cfg['batch_size'], cfg['seq_len'], seed=args.seed)
     val = corpus.fixed_windows(data.val, cfg['val_windows'], cfg['seq_len'] + 1)
-    warmup = max(1, cfg['steps'] // 10)
 
     t_eval0 = time.perf_counter()
     val_start = common.evaluate(model, val, device)
@@ -108,20 +127,7 @@ def main(argv=None) -> dict:
     print(f"validation before training: loss {val_start['loss']:.4f}, {val_start['bpb']:.3f} bits/byte "
           f"(uniform over 258 ids: {math.log(258):.4f}) [{t_eval:.1f}s]")
 
-    losses = []
-    model.train()
-    t_train0 = common.now(device)
-    bar = common.progress(range(cfg['steps']), desc='train', disable=args.no_progress, dynamic_ncols=True,
-                          mininterval=1.0)
-    for step in bar:
-        ids = next(batches).to(device, non_blocking=True)
-        loss = common.lm_train_step(model, opt, ids, common.lr_at(step, cfg['steps'], cfg['lr'], warmup), device)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            raise RuntimeError(f"non-finite training loss at step {step}: {losses[-1]}")
-        bar.set_postfix(loss=f'{losses[-1]:.3f}')
-    bar.close()
-    train_s = common.now(device) - t_train0
+    losses, train_s = train(model, data, cfg, device, args.seed, progress=not args.no_progress)
     tokens = cfg['steps'] * cfg['batch_size'] * cfg['seq_len']
     k = max(1, min(10, len(losses) // 5))
     print(f"trained {cfg['steps']} steps ({tokens:,} tokens) in {train_s:.1f}s ({tokens / train_s:,.0f} tok/s); "

@@ -291,3 +291,20 @@ def test_report_tables_show_failures_and_best_lr():
     rows.append({'model': 'gla', 'width': 64, 'seq_len': 256, 'lr': 1e-3, 'ok': False, 'error': 'x'})
     t = tm.best_table(rows, {'lrs': [1e-3, 3e-3]})
     assert '| mesa | 0.900 |' in t and '| gla | FAILED |' in t
+
+
+def test_warm_start_replay():
+    ws = load(os.path.join(LM, 'warm_start.py'), 'lm_warm_start')
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 8, 8, generator=gen, dtype=torch.float64)
+    a = m @ m.mT + 0.1 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    x, its = ws.cg_iterations(a, b, torch.zeros_like(b), 1e-10, 100)
+    torch.testing.assert_close(x, torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+    assert ((its >= 1) & (its <= 20)).all()
+    _, its = ws.cg_iterations(a, b, x, 1e-6, 100)       # already at the solution: no iteration
+    assert (its == 0).all()
+    out = ws.main(['--steps', '3', '--windows', '1', '--seq-len', '24', '--tols', '1e-3', '--no-progress'])
+    assert set(out['rows']) == {(0, 1e-3), (1, 1e-3)}
+    for means in out['rows'].values():
+        assert set(means) == set(ws.STARTS) and all(0 < v <= 100 for v in means.values())
