@@ -11,6 +11,8 @@ algorithm runs in plain PyTorch, batched over sequences and heads (float64 input
 Forward only: this is the inference (decoding) path; train with `chunk_mesa`.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -262,7 +264,7 @@ def fused_recurrent_mesa_fwd_triton(
 
     BK, BC, BV, num_warps = kernel_config(K, V)
     init = 0 if cg_steps == 0 else {'jacobi': 1, 'zero': 2}[cg_init]
-    with torch.cuda.device(q.device.index) if q.is_cuda else _nullcontext():
+    with torch.cuda.device(q.device.index) if q.is_cuda else contextlib.nullcontext():
         fused_recurrent_mesa_fwd_kernel[(N * H,)](
             q=q,
             k=k,
@@ -295,14 +297,6 @@ def fused_recurrent_mesa_fwd_triton(
             num_stages=1,
         )
     return o, (h_kk, h_kv), iters
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *args):
-        return False
 
 
 def fused_recurrent_mesa_fwd_torch(
