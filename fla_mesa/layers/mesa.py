@@ -25,6 +25,12 @@ MODES = ('chunk', 'fused_recurrent')
 MAX_DECODE_LEN = 64
 
 
+def _check_steps(name: str, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {steps!r}")
+    return steps
+
+
 class MesaAttention(nn.Module):
     r"""The Mesa layer (MesaNet, arXiv 2506.05233): a linear-cost sequence mixer whose output at step t is
     `o_t = G_t (H_t + diag(lambda))^{-1} q_t`, the prediction of the ridge-regression fit of values on keys seen so
@@ -118,9 +124,8 @@ class MesaAttention(nn.Module):
                              f"{lambda_lower_bound!r} (lambda = softplus(param) + lower bound)")
         if forget_gate_cap is not None and not 0 < forget_gate_cap <= 1:
             raise ValueError(f"MesaAttention: forget_gate_cap must be None or in (0, 1], got {forget_gate_cap!r}")
-        for name, steps in (('cg_steps', cg_steps), ('decode_cg_steps', decode_cg_steps)):
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-                raise ValueError(f"MesaAttention: {name} must be an int >= 0, got {steps!r}")
+        _check_steps('MesaAttention: cg_steps', cg_steps)
+        _check_steps('MesaAttention: decode_cg_steps', decode_cg_steps)
         if cg_tol is not None and not (0 < cg_tol < 1):
             raise ValueError(f"MesaAttention: cg_tol must be None or in (0, 1), got {cg_tol!r}")
         if conv_size < 1:
@@ -248,9 +253,8 @@ class MesaAttention(nn.Module):
         # continuing a cached state with a few tokens: decoding
         is_decoding = recurrent_state is not None and q_len <= MAX_DECODE_LEN
         use_recurrent = not torch.is_grad_enabled() and (is_decoding or self.mode == 'fused_recurrent')
-        cg_steps = self.cg_steps if kwargs.get('cg_steps') is None else kwargs['cg_steps']
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 0:
-            raise ValueError(f"MesaAttention.forward: cg_steps must be an int >= 0, got {cg_steps!r}")
+        cg_steps = self.cg_steps if kwargs.get('cg_steps') is None else \
+            _check_steps('MesaAttention.forward: cg_steps', kwargs['cg_steps'])
         if is_decoding:
             cg_steps = self.decode_cg_steps
 
