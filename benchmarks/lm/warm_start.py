@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import corpus  # noqa: E402
 import demo  # noqa: E402
+from fla_mesa.ops.utils import cg_init_guess, step_states  # noqa: E402
 
 STARTS = ('zero', 'jacobi', 'previous')
 
@@ -72,18 +73,18 @@ def replay(q, k, v, g, beta, lamb, tol: float, max_steps: int) -> dict[str, floa
     """Mean CG iterations per token for each start, decoding the recorded inputs token by token."""
     B, T, H, K = q.shape
     n = B * H
-    flat = [t.transpose(1, 2).reshape(n, T, *t.shape[3:]) for t in (q, k, g, beta)]
-    q, k, g, beta = flat
+    q, k, v, g, beta = (t.transpose(1, 2).reshape(n, T, *t.shape[3:]) for t in (q, k, v, g, beta))
     lam = lamb.double().repeat(B, 1)                          # [B * H, K]
     h = torch.zeros(n, K, K, dtype=torch.float64)
+    h_kv = torch.zeros(n, K, v.shape[-1], dtype=torch.float64)
     prev = {s: torch.zeros(n, K, dtype=torch.float64) for s in STARTS}
     total = {s: 0 for s in STARTS}
     for t in range(T):
-        h = g[:, t].exp()[:, None, None] * h + beta[:, t, None, None] * k[:, t, :, None] * k[:, t, None, :]
+        h, h_kv = step_states(h, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
         a = h + torch.diag_embed(lam)
         b = q[:, t]
-        starts = {'zero': torch.zeros_like(b), 'jacobi': b / torch.diagonal(a, dim1=-2, dim2=-1),
-                  'previous': prev['previous']}
+        starts = {'zero': torch.zeros_like(b), 'previous': prev['previous'],
+                  'jacobi': cg_init_guess(b, torch.diagonal(a, dim1=-2, dim2=-1), 'jacobi')}
         for s in STARTS:
             x, its = cg_iterations(a, b, starts[s], tol, max_steps)
             prev[s] = x
