@@ -342,16 +342,21 @@ def test_flame_style_loading_and_deferred_init():
     assert torch.isfinite(model(ids, labels=ids).loss)
 
 
-@pytest.mark.gpu
-@cuda
-def test_cuda_bf16_model_train_step_and_generate():
-    model = tiny_model(final_logit_softcapping=30.0).cuda().to(torch.bfloat16)
-    ids = torch.randint(2, V, (2, 40), device='cuda')
+def assert_finite_train_step(model, ids):
+    """A forward+backward on `ids` gives a finite loss and a finite gradient for every parameter."""
     out = model(ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_bf16_model_train_step_and_generate():
+    model = tiny_model(final_logit_softcapping=30.0).cuda().to(torch.bfloat16)
+    ids = torch.randint(2, V, (2, 40), device='cuda')
+    assert_finite_train_step(model, ids)
     model.eval()
     gen = model.generate(ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=6, do_sample=False,
                          min_new_tokens=6)
@@ -379,11 +384,7 @@ def test_cuda_hybrid_softmax_attention_layers():
     model = tiny_model(num_hidden_layers=3, attn={'layers': [1], 'num_heads': 2}).cuda().to(torch.bfloat16)
     assert not isinstance(model.model.layers[1].attn, MesaAttention)
     ids = torch.randint(2, V, (2, 20), device='cuda')
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert_finite_train_step(model, ids)
     model.eval()
     gen = model.generate(ids[:, :6], attention_mask=torch.ones_like(ids[:, :6]), max_new_tokens=4, do_sample=False,
                          min_new_tokens=4)
