@@ -65,7 +65,7 @@ def ensure_softmax_attention() -> str:
 
 def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, device: torch.device,
                 head_dim: int = 128, cg_steps: int = 30, max_len: int = 2048, bos: int | None = None,
-                eos: int | None = None, **mesa_overrides):
+                eos: int | None = None, tie_word_embeddings: bool = True, **mesa_overrides):
     """Returns `(model, info)`; `info` holds the config summary (and the attention backend for 'transformer')."""
     fused = device.type == 'cuda'
     if name in GPU_ONLY and not fused:
@@ -74,7 +74,7 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
         raise ValueError(f"hidden_size={hidden_size} must be a multiple of head_dim={head_dim}")
     heads = hidden_size // head_dim
     common_kw = dict(hidden_size=hidden_size, num_hidden_layers=num_layers, vocab_size=vocab_size,
-                     tie_word_embeddings=True, max_position_embeddings=max(2048, max_len), hidden_ratio=4,
+                     tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max(2048, max_len), hidden_ratio=4,
                      fuse_norm=fused, fuse_swiglu=fused, fuse_cross_entropy=fused, bos_token_id=bos,
                      eos_token_id=eos, pad_token_id=eos)
     info = {'name': name}

@@ -1,5 +1,7 @@
 """chunk_mesa's Triton path (CUDA) against the float64 references. Run on a GPU: pytest -m gpu."""
 
+import os
+
 import pytest
 import torch
 from mesa_inputs import make_inputs, rel
@@ -9,8 +11,10 @@ from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
 pytestmark = pytest.mark.gpu
 
 # fla's chunk primitives (and our CG kernel) take fp32 operands as tf32, unit roundoff 2^-11: errors of a
-# few units of it are what fp32 inputs can get on the GPU (fla's own MesaNet backward: 0.7e-3 to 1.9e-3)
-FP32_GPU = 4 * 2 ** -11
+# few units of it are what fp32 inputs can get on the GPU (fla's own MesaNet backward: 0.7e-3 to 1.9e-3).
+# Under TRITON_F32_DEFAULT=ieee every tl.dot of those kernels multiplies in full fp32, and 1e-3 must hold.
+IEEE = os.environ.get('TRITON_F32_DEFAULT') == 'ieee'
+FP32_GPU = 1e-3 if IEEE else 4 * 2 ** -11
 
 
 def cuda(*ts):
@@ -45,12 +49,14 @@ def test_fp32_outputs_states_and_gradients_match_float64(case, cg_init):
     o_ref, s_ref, g_ref = grads_of(naive_recurrent_mesa, *cuda(*inputs), cuda(*cot))
     f32 = [None if t is None else (tuple(x.float() for x in t) if isinstance(t, tuple) else t.float()) for t in inputs]
     o, s, grads = grads_of(chunk_mesa, *cuda(*f32), cuda(*cot), cg_steps=3 * K, cg_init=cg_init)
-    assert rel(o, o_ref) < FP32_GPU
-    assert rel(s[0], s_ref[0]) < FP32_GPU and rel(s[1], s_ref[1]) < FP32_GPU
+    errs = {'o': rel(o, o_ref), 'h_kk': rel(s[0], s_ref[0]), 'h_kv': rel(s[1], s_ref[1])}
     for name, a, b in zip(['q', 'k', 'v', 'g', 'beta', 'lamb', 'h_kk0', 'h_kv0'], grads, g_ref):
         assert torch.isfinite(a).all(), name
         scale = b.norm() + (g_ref[4].norm() if name == 'g' else 0)
-        assert ((a.double() - b).norm() / scale).item() < FP32_GPU, name
+        errs['d' + name] = ((a.double() - b).norm() / scale).item()
+    print(f"\n[fp32 {'ieee' if IEEE else 'tf32'}] max {max(errs.values()):.2e}: "
+          + ' '.join(f'{n} {e:.1e}' for n, e in errs.items()))
+    assert all(e < FP32_GPU for e in errs.values()), errs
 
 
 def test_cuda_path_equals_cpu_path_and_iteration_counts():
