@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
+from fla_mesa.ops.tuning import narrow_fla_autotune
 from fla_mesa.ops.utils import check_inputs, l2norm
 
 
@@ -153,7 +154,7 @@ class ChunkMesaFunction(torch.autograd.Function):
             from fla.ops.utils import prepare_chunk_indices
             q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
             chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
-            with torch.cuda.device(q.device):
+            with torch.cuda.device(q.device), narrow_fla_autotune(q.device):
                 o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                       return_iters, output_final_state, cu_seqlens, chunk_indices,
                                                       chunk_size)
@@ -173,7 +174,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices = ctx.saved_tensors
         cg_steps, cg_tol, cg_init, chunk_size = ctx.opts
         if q.is_cuda:
-            with torch.cuda.device(q.device):
+            with torch.cuda.device(q.device), narrow_fla_autotune(q.device):
                 grads = _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do.contiguous(), dht_kk, dht_kv, cg_steps,
                                   cg_tol, cg_init, cu_seqlens, chunk_indices, chunk_size)
         else:
