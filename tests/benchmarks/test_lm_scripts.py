@@ -1,0 +1,57 @@
+"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py and throughput.py, and of the tf32 emulation of
+benchmarks/ops/tf32_emulation.py."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, 'benchmarks', 'lm')) if p not in sys.path]
+
+from test_corpus_and_mqar import load  # noqa: E402
+
+
+def test_stability_smoke(tmp_path):
+    stability = load(os.path.join(ROOT, 'benchmarks', 'lm', 'stability.py'), 'lm_stability')
+    out = stability.main(['--device', 'cpu', '--small', '--steps', '4', '--iters-every', '2', '--val-windows', '4',
+                          '--no-table', '--no-progress', '--out', str(tmp_path / 's.json')])
+    assert set(out['runs']) == {'fixed30', 'tol'}
+    for name, r in out['runs'].items():
+        assert r['first_nonfinite_step'] is None and len(r['losses']) == 4
+        assert all(math.isfinite(x) for x in r['losses'] + r['grad_norms'])
+        assert set(r['cg_at_tol']) == {'jacobi', 'zero'}
+        assert all(0 < s['mean_iters'] <= 30 for s in r['cg_at_tol'].values())
+    assert out['runs']['tol']['cg_tol'] == 1e-4 and out['runs']['fixed30']['cg_tol'] is None
+    assert [s for s, _ in out['runs']['tol']['train_iters']] == [0, 2]
+    assert json.loads((tmp_path / 's.json').read_text())['runs']['tol']['losses'] == out['runs']['tol']['losses']
+    with pytest.raises(SystemExit):
+        stability.main(['--device', 'cpu', '--runs', 'fixed10'])
+
+
+def test_first_step_smoke():
+    first_step = load(os.path.join(ROOT, 'benchmarks', 'lm', 'first_step.py'), 'lm_first_step')
+    out = first_step.main(['--device', 'cpu', '--hidden-size', '64', '--layers', '1', '--head-dim', '32',
+                           '--batch-size', '2', '--seq-len', '16', '--steps', '2'])
+    assert 0 < out['imports_s'] <= out['model_built_s'] <= out['first_step_s']
+    assert len(out['next_steps_s']) == 1 and out['next_steps_s'][0] > 0
+
+
+def test_throughput_smoke():
+    throughput = load(os.path.join(ROOT, 'benchmarks', 'lm', 'throughput.py'), 'lm_throughput')
+    (row,) = throughput.main(['--models', 'mesa', '--device', 'cpu', '--hidden-size', '64', '--layers', '1',
+                              '--vocab-size', '300', '--head-dim', '32', '--batch-size', '1', '--seq-len', '32',
+                              '--warmup', '1', '--iters', '1'])
+    assert row['model'] == 'mesa' and row['tokens_per_s'] > 0 and row['peak_memory_gib'] is None
+
+
+def test_tf32_emulation_rounds_and_restores():
+    import torch
+    emu = load(os.path.join(ROOT, 'benchmarks', 'ops', 'tf32_emulation.py'), 'ops_tf32_emulation')
+    x = torch.tensor([1 + 2 ** -12, 1 + 2 ** -9], dtype=torch.float32)
+    assert emu.tf32(x).tolist() == [1.0, 1 + 2 ** -9]
+    einsum = torch.einsum
+    emu.main()
+    assert torch.einsum is einsum
