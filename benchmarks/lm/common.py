@@ -144,7 +144,7 @@ def versions() -> dict:
     out['cpu_threads'] = torch.get_num_threads()
     try:
         import subprocess
-        out['git'] = subprocess.run(['git', '-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True,
+        out['git'] = subprocess.run(['git', '-C', REPO_ROOT, 'describe', '--always', '--dirty'], capture_output=True,
                                     text=True, timeout=5).stdout.strip() or '?'
     except Exception:  # noqa: BLE001
         out['git'] = '?'
