@@ -260,28 +260,33 @@ def mesa_layers(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def cg_setting(model: nn.Module, cg_steps: int, cg_tol: float | None, record: bool = False):
-    """Temporarily sets every Mesa layer's `cg_steps`/`decode_cg_steps`/`cg_tol` (and `record_cg_iters`)."""
+def cg_setting(model: nn.Module, cg_steps: int, cg_tol: float | None, record: bool = False,
+               cg_init: str | None = None):
+    """Temporarily sets every Mesa layer's `cg_steps`/`decode_cg_steps`/`cg_tol` (and `record_cg_iters`, and
+    `cg_init` unless None)."""
     layers = mesa_layers(model)
-    saved = [(m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters) for m in layers]
+    saved = [(m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters, m.cg_init) for m in layers]
     try:
         for m in layers:
             m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters = cg_steps, cg_steps, cg_tol, record
+            m.cg_init = m.cg_init if cg_init is None else cg_init
             m.last_cg_iters = None
         yield layers
     finally:
-        for m, (s, d, t, r) in zip(layers, saved):
-            m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters = s, d, t, r
+        for m, (s, d, t, r, i) in zip(layers, saved):
+            m.cg_steps, m.decode_cg_steps, m.cg_tol, m.record_cg_iters, m.cg_init = s, d, t, r, i
 
 
 @torch.no_grad()
 def cg_iteration_stats(model: nn.Module, windows: torch.Tensor, device: torch.device, cg_tol: float = 1e-4,
-                       max_steps: int = 30, batch_size: int = 16, use_autocast: bool = True) -> dict:
-    """Validation loss with CG stopped at relative residual `cg_tol` (at most `max_steps`), and the CG iterations
+                       max_steps: int = 30, batch_size: int = 16, use_autocast: bool = True,
+                       cg_init: str | None = None) -> dict:
+    """Validation loss with CG stopped at relative residual `cg_tol` (at most `max_steps`; CG started as `cg_init`,
+    default the layers' own), and the CG iterations
     the tokens needed, from the layers' `record_cg_iters`/`last_cg_iters` telemetry: per layer mean/median/max over
     all (token, head) pairs, plus the mean over heads per layer (`per_head_mean`)."""
     per_layer: dict[int, list] = {}
-    with cg_setting(model, max_steps, cg_tol, record=True) as layers:
+    with cg_setting(model, max_steps, cg_tol, record=True, cg_init=cg_init) as layers:
         def record():
             for j, m in enumerate(layers):
                 if m.last_cg_iters is None:

@@ -103,12 +103,7 @@ def run_one(name: str, args, cfg: dict, data, val, device) -> dict:
           f"({res['val']['bpb']:.3f} bits/byte)")
     res['cg_at_tol'] = {}
     for init in ('jacobi', 'zero'):
-        saved = [m.cg_init for m in common.mesa_layers(model)]
-        for m in common.mesa_layers(model):
-            m.cg_init = init
-        st = common.cg_iteration_stats(model, val, device, cg_tol=args.tol, max_steps=30)
-        for m, s in zip(common.mesa_layers(model), saved):
-            m.cg_init = s
+        st = common.cg_iteration_stats(model, val, device, cg_tol=args.tol, max_steps=30, cg_init=init)
         res['cg_at_tol'][init] = st
         print(f"[{name}] {init} start, tol {args.tol:g}: validation loss {st['loss']:.4f}, mean CG iterations "
               f"{st['mean_iters']:.2f} (per layer {[round(s['mean'], 2) for s in st['layers'].values()]})")
