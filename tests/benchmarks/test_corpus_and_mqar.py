@@ -34,12 +34,7 @@ assert os.path.dirname(os.path.abspath(corpus.__file__)) == LM
 assert os.path.dirname(os.path.abspath(mqar.__file__)) == MQAR
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_cpu_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_cpu_thread')
 
 
 # ----------------------------------------------------------------------------------------------------- corpus

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from fla_mesa.layers import MesaAttention
 from fla_mesa.ops.utils import forget_gate_cap
 
+pytestmark = pytest.mark.usefixtures('one_cpu_thread')
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 D, H, K = 32, 2, 16

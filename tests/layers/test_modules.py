@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from fla_mesa.layers.modules import FusedRMSNormGated, GatedMLP, RMSNorm, ShortConvolution, l2_norm
 
+pytestmark = pytest.mark.usefixtures('one_cpu_thread')
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

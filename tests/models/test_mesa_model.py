@@ -12,6 +12,8 @@ import fla_mesa  # noqa: F401
 from fla_mesa.layers import MesaAttention
 from fla_mesa.models import MesaConfig, MesaForCausalLM, MesaModel
 
+pytestmark = pytest.mark.usefixtures('one_cpu_thread')
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 V = 64
