@@ -22,6 +22,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests', 'ops')]
 import fla_mesa.ops.chunk as chunk_module  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
 from mesa_inputs import make_inputs, rel  # noqa: E402
+from test_chunk_gpu import grads_of  # noqa: E402  (the GPU test's gradient harness)
 
 CASE = dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True)
 NAMES = ['q', 'k', 'v', 'g', 'beta', 'lamb', 'h_kk0', 'h_kv0']
@@ -50,18 +51,11 @@ def cg_solve_unrounded(*args, **kwargs):
 
 
 def errors(inputs, cot, **kw):
-    def run(fn, ts, **kw):
-        leaves = [t.detach().clone().requires_grad_() for t in ts[:6]]
-        state = tuple(s.detach().clone().requires_grad_() for s in ts[6])
-        o, (h_kk, h_kv) = fn(*leaves, initial_state=state, output_final_state=True, **kw)
-        loss = sum((t * c.to(t)).sum() for t, c in zip((o, h_kk, h_kv), cot))
-        return o, torch.autograd.grad(loss, leaves + list(state))
-
     saved, ROUND['on'] = ROUND['on'], False
-    o_ref, g_ref = run(naive_recurrent_mesa, inputs)
+    o_ref, _, g_ref = grads_of(naive_recurrent_mesa, *inputs, cot)
     ROUND['on'] = saved
     f32 = [tuple(x.float() for x in t) if isinstance(t, tuple) else t.float() for t in inputs]
-    o, grads = run(chunk_mesa, f32, **kw)
+    o, _, grads = grads_of(chunk_mesa, *f32, cot, **kw)
     errs = {'o': rel(o, o_ref)}
     for name, a, b in zip(NAMES, grads, g_ref):
         scale = b.norm() + (g_ref[4].norm() if name == 'g' else 0)
