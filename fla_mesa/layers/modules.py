@@ -2,9 +2,10 @@
 
 fla's `ShortConvolution`, `RMSNorm`, `FusedRMSNormGated` and `GatedMLP` launch Triton kernels, which fail on CPU
 tensors ("0 active drivers"). The subclasses below keep fla's parameters, state-dict keys and cache formats and
-call fla's kernels for CUDA tensors; for any other device they compute the same math in plain PyTorch
-(in float32, or float64 for float64 inputs, cast back to the input dtype, as the kernels do). A model built from them on CPU loads into the same
-model on GPU and back, and a conv cache written by one path is read by the other.
+call fla's kernels for CUDA tensors (on Hopper with narrowed autotune spaces: `fla_mesa.ops.tuning`); for any other
+device they compute the same math in plain PyTorch (in float32, or float64 for float64 inputs, cast back to the input
+dtype, as the kernels do). A model built from them on CPU loads into the same model on GPU and back, and a conv cache
+written by one path is read by the other.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fla.modules import FusedRMSNormGated as _FusedRMSNormGated
 from fla.modules import GatedMLP as _GatedMLP
 from fla.modules import RMSNorm as _RMSNorm
 from fla.modules import ShortConvolution as _ShortConvolution
+
+from fla_mesa.ops.tuning import narrow_fla_autotune
 
 __all__ = ['FusedRMSNormGated', 'GatedMLP', 'RMSNorm', 'ShortConvolution', 'l2_norm']
 
@@ -28,6 +31,7 @@ def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """L2-normalises the last dim (fla's `l2_norm` on CUDA, `x / sqrt(sum(x^2) + eps)` in float32 elsewhere)."""
     if x.is_cuda:
         from fla.modules.l2norm import l2_norm as _l2_norm
+        narrow_fla_autotune(x.device)
         return _l2_norm(x, eps=eps)
     xf = _up(x)
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
@@ -48,6 +52,7 @@ class RMSNorm(_RMSNorm):
 
     def forward(self, x, residual=None, prenorm=False, residual_in_fp32=False):
         if x.is_cuda:
+            narrow_fla_autotune(x.device)
             return super().forward(x, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         dtype = x.dtype
         if residual is not None:
@@ -64,6 +69,7 @@ class FusedRMSNormGated(_FusedRMSNormGated):
 
     def forward(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
         if x.is_cuda:
+            narrow_fla_autotune(x.device)
             return super().forward(x, g, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
         dtype = x.dtype
         if residual is not None:
@@ -97,6 +103,7 @@ class ShortConvolution(_ShortConvolution):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if x.is_cuda:
+            narrow_fla_autotune(x.device)
             return super().forward(x=x, residual=residual, mask=mask, cache=cache, output_final_state=output_final_state,
                                    cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, **kwargs)
         B, T, D = x.shape
@@ -146,6 +153,7 @@ class GatedMLP(_GatedMLP):
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if x.is_cuda:
+            narrow_fla_autotune(x.device)
             return super().forward(x, **kwargs)
         gate, y = self.gate_proj(x), self.up_proj(x)
         if self.hidden_act == 'swish':

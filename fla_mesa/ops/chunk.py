@@ -154,7 +154,7 @@ class ChunkMesaFunction(torch.autograd.Function):
             from fla.ops.utils import prepare_chunk_indices
             q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
             chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
-            with torch.cuda.device(q.device), narrow_fla_autotune(q.device):
+            with torch.cuda.device(q.device):
                 o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                       return_iters, output_final_state, cu_seqlens, chunk_indices,
                                                       chunk_size)
@@ -174,7 +174,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices = ctx.saved_tensors
         cg_steps, cg_tol, cg_init, chunk_size = ctx.opts
         if q.is_cuda:
-            with torch.cuda.device(q.device), narrow_fla_autotune(q.device):
+            with torch.cuda.device(q.device):
                 grads = _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do.contiguous(), dht_kk, dht_kv, cg_steps,
                                   cg_tol, cg_init, cu_seqlens, chunk_indices, chunk_size)
         else:
@@ -253,6 +253,8 @@ def chunk_mesa(
     B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
     if chunk_size not in (16, 32, 64) and (q.is_cuda or chunk_size < 1 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"`chunk_size`: expected 16, 32 or 64 (a power of two off CUDA), got {chunk_size}")
+    if q.is_cuda:
+        narrow_fla_autotune(q.device)
     if use_qk_l2norm_in_kernel:
         if q.is_cuda:
             from fla.modules.l2norm import l2norm as fla_l2norm

@@ -1,26 +1,61 @@
-"""Narrower autotune spaces for two of fla's chunk-state kernels while `chunk_mesa` calls them on Hopper.
+"""Narrower autotune spaces for the fla kernels that Mesa layers and models launch, on Hopper GPUs.
 
-fla autotunes `chunk_fwd_kernel_h` and `chunk_bwd_kernel_dh` over 48 launch configurations each (BK, BV in {32, 64},
-1 to 8 warps, 2 to 4 stages) for every new key, and the key includes the dtype of every tensor argument. One Mesa
-layer's forward and backward reach four or five such keys per head size (float32 states in the forward, the input
-dtype in fla's GLA backward). In our first GPU runs (one model's first training step, then the layer tests) the
-Triton cache ended up holding 289 compiled variants of the first kernel and 93 of the second. While our ops run on
-an NVIDIA Hopper GPU, these two kernels choose only among `HOPPER_CONFIGS`; elsewhere, or with
-`FLA_MESA_FULL_AUTOTUNE=1` in the environment, fla's full space is searched.
+fla autotunes its kernels over up to 48 launch configurations for every new key (the key includes the dtype of every
+tensor argument), and on a fresh machine each configuration is a Triton compilation of 2 to 9 s: a 6-layer Mesa
+model's first training step spent over 300 s in fla's searches (fused RMSNorm, SwiGLU, short convolution, L2 norm and
+the chunk primitives; benchmarks/RESULTS.md). On the first call of a fla_mesa op or module on an NVIDIA Hopper GPU,
+the kernels named in `HOPPER_SPACES` choose only among the configurations listed there, the winners of fla's full
+searches measured on an H200 (`benchmarks/lm/first_step.py --autotune-report`), for the rest of the process.
 
-fla's autotuner remembers its choice per key for the process, so a later call of the same kernel with the same key
-by another fla op reuses the configuration picked here.
+This changes how the same fla kernels are tuned for every other fla model in the process too (launch configurations
+only: each configuration computes the same function). `FLA_MESA_FULL_AUTOTUNE=1` in the environment turns it off;
+on other GPUs fla's full spaces are searched.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 import os
 
-# (BK, BV, num_warps, num_stages). From fla's full searches on an H200 (benchmarks/RESULTS.md): for every key of
-# chunk_fwd_kernel_h measured (K = V = 16 and 128, float32 and bf16) the best of these is within 2% of the winner;
-# chunk_bwd_kernel_dh was measured at K = V = 16 only, where the best of these is 7% slower than the winner
-HOPPER_CONFIGS = frozenset({(32, 32, 4, 4), (32, 32, 8, 3), (64, 64, 2, 2), (32, 64, 4, 3)})
+
+def _sig(num_warps: int, num_stages: int = 3, **kwargs) -> tuple:
+    return tuple(sorted(kwargs.items())), num_warps, num_stages
+
+
+def config_signature(config) -> tuple:
+    """A `triton.Config` as (sorted kwargs, num_warps, num_stages), the form of `HOPPER_SPACES`' entries."""
+    return tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages
+
+
+# chunk_fwd_kernel_h: for every key measured (K = V = 16 and 128, float32 and bf16) the best of these is within 2% of
+# the full search's winner; chunk_bwd_kernel_dh was measured at K = V = 16 and 128
+_CHUNK_H = frozenset(_sig(w, s, BK=bk, BV=bv) for bk, bv, w, s in [(32, 32, 4, 4), (32, 32, 8, 3), (64, 64, 2, 2),
+                                                                    (32, 64, 4, 3)])
+
+# '<fla module>.<kernel>': (the configurations kept, each the winner of at least one full search measured; the largest
+# head or feature size, the kernel's K, V or D argument, measured). Larger sizes search fla's full space: a winner at
+# 128 can exceed the shared memory at 256 (chunk_bwd_kernel_dqkwg) or spill registers at a wider D.
+HOPPER_SPACES: dict[str, tuple[frozenset, int]] = {
+    'fla.ops.common.chunk_h.chunk_fwd_kernel_h': (_CHUNK_H, 128),
+    'fla.ops.common.chunk_h.chunk_bwd_kernel_dh': (_CHUNK_H, 128),
+    'fla.ops.common.chunk_o.chunk_fwd_kernel_o': (frozenset({_sig(2, BK=32, BV=32), _sig(4, BK=64, BV=64)}), 128),
+    'fla.ops.common.chunk_o.chunk_bwd_kernel_dqkwg': (frozenset({_sig(4, 2), _sig(4, 3), _sig(4, 4)}), 128),
+    'fla.ops.common.chunk_o.chunk_bwd_kernel_dv': (frozenset({_sig(4, 2), _sig(4, 3), _sig(4, 4)}), 128),
+    'fla.ops.utils.cumsum.chunk_local_cumsum_scalar_kernel': (frozenset({_sig(1), _sig(2)}), 0),  # no K, V, D
+    'fla.modules.norm.layernorm.layer_norm_fwd_kernel': (frozenset({_sig(4, BT=32), _sig(8, BT=32),
+                                                                   _sig(8, BT=64)}), 512),
+    'fla.modules.norm.layernorm.layer_norm_bwd_kernel': (frozenset({_sig(8, BT=32)}), 512),
+    'fla.modules.norm.fused_norm_gate.layer_norm_gated_fwd_kernel': (frozenset({_sig(4, BT=16)}), 128),
+    'fla.modules.norm.l2norm.l2norm_fwd_kernel': (frozenset({_sig(1, BT=8), _sig(1, BT=32), _sig(16, BT=32)}), 128),
+    'fla.modules.norm.l2norm.l2norm_bwd_kernel': (frozenset({_sig(8, BT=16), _sig(2, BT=8)}), 128),
+    'fla.modules.causal_conv1d.ops.causal_conv1d_fwd_kernel': (frozenset({_sig(4, BD=32)}), 1536),
+    'fla.modules.causal_conv1d.ops.causal_conv1d_bwd_kernel': (frozenset({_sig(4, BD=32)}), 512),
+    'fla.modules.activations.ops.swiglu_fwd_kernel': (frozenset({_sig(2, B=512)}), 1536),
+    'fla.modules.activations.ops.swiglu_fwdbwd_kernel': (frozenset({_sig(16, B=1024)}), 1536),
+}
+SIZE_ARGS = ('K', 'V', 'D')
+
+_narrowed = False
 
 
 def _autotuner(kernel):
@@ -31,11 +66,34 @@ def _autotuner(kernel):
     return kernel
 
 
-def hopper_subset(configs: list) -> list:
-    """The configurations of fla's list that are in `HOPPER_CONFIGS` (all of them if none is)."""
-    kept = [c for c in configs
-            if (c.kwargs.get('BK'), c.kwargs.get('BV'), c.num_warps, c.num_stages) in HOPPER_CONFIGS]
-    return kept or list(configs)
+def subset(configs: list, kept: frozenset) -> list:
+    """The configurations of fla's list whose signature is in `kept` (all of them if none is)."""
+    chosen = [c for c in configs if config_signature(c) in kept]
+    return chosen or list(configs)
+
+
+def narrow(tuner, kept: frozenset, max_size: int) -> None:
+    """Makes `tuner` search `subset(configs, kept)` for the keys whose K, V and D arguments are all <= `max_size`."""
+    prune = tuner.prune_configs
+
+    def prune_configs(kwargs):
+        configs = prune(kwargs)
+        args = {**tuner.nargs, **kwargs}
+        if all(args[n] <= max_size for n in SIZE_ARGS if isinstance(args.get(n), int)):
+            configs = subset(configs, kept)
+        return configs
+    tuner.prune_configs = prune_configs
+
+
+def hopper_tuners() -> list:
+    """(name, Autotuner) for every kernel of `HOPPER_SPACES` that this fla version has."""
+    found = []
+    for name in HOPPER_SPACES:
+        module, kernel = name.rsplit('.', 1)
+        tuner = _autotuner(getattr(importlib.import_module(module), kernel, None))
+        if tuner is not None:
+            found.append((name, tuner))
+    return found
 
 
 def _enabled(device) -> bool:
@@ -45,20 +103,13 @@ def _enabled(device) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
 
 
-@contextlib.contextmanager
-def narrow_fla_autotune(device, enabled: bool | None = None):
-    """Within the block, fla's `chunk_fwd_kernel_h`/`chunk_bwd_kernel_dh` autotune over `hopper_subset` of their
-    configurations when `enabled` (default: on Hopper unless `FLA_MESA_FULL_AUTOTUNE=1`)."""
-    if not (_enabled(device) if enabled is None else enabled):
-        yield
+def narrow_fla_autotune(device) -> None:
+    """From now on in this process, the kernels of `HOPPER_SPACES` autotune over their listed configurations (at the
+    sizes measured), if `device` is an NVIDIA Hopper GPU and `FLA_MESA_FULL_AUTOTUNE` is not 1. Cheap after the
+    first call."""
+    global _narrowed
+    if _narrowed or not _enabled(device):
         return
-    from fla.ops.common import chunk_h
-    tuners = [t for t in (_autotuner(chunk_h.chunk_fwd_kernel_h), _autotuner(chunk_h.chunk_bwd_kernel_dh)) if t]
-    saved = [t.configs for t in tuners]
-    try:
-        for t in tuners:
-            t.configs = hopper_subset(t.configs)
-        yield
-    finally:
-        for t, configs in zip(tuners, saved):
-            t.configs = configs
+    for name, tuner in hopper_tuners():
+        narrow(tuner, *HOPPER_SPACES[name])
+    _narrowed = True

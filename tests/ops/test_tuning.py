@@ -1,46 +1,64 @@
-"""fla_mesa.ops.tuning: the narrowed autotune space of fla's chunk-state kernels, and that it is put back."""
+"""fla_mesa.ops.tuning: the narrowed autotune spaces of the fla kernels that Mesa models launch."""
 
 import pytest
+import torch
 import triton
-from fla.ops.common import chunk_h
 
-from fla_mesa.ops.tuning import HOPPER_CONFIGS, _autotuner, hopper_subset, narrow_fla_autotune
-
-KERNELS = (chunk_h.chunk_fwd_kernel_h, chunk_h.chunk_bwd_kernel_dh)
+from fla_mesa.ops import tuning
 
 
-def signature(c):
-    return c.kwargs.get('BK'), c.kwargs.get('BV'), c.num_warps, c.num_stages
+def test_every_listed_kernel_is_an_autotuned_fla_kernel():
+    assert [name for name, _ in tuning.hopper_tuners()] == list(tuning.HOPPER_SPACES)
 
 
-@pytest.mark.parametrize('kernel', KERNELS, ids=['fwd_h', 'bwd_dh'])
-def test_subset_is_fla_configurations_in_the_hopper_set(kernel):
-    full = _autotuner(kernel).configs
-    kept = hopper_subset(full)
+@pytest.mark.parametrize('name', list(tuning.HOPPER_SPACES))
+def test_subset_is_fla_configurations_in_the_kept_set(name):
+    tuner = dict(tuning.hopper_tuners())[name]
+    full, kept_set = tuner.configs, tuning.HOPPER_SPACES[name][0]
+    kept = tuning.subset(full, kept_set)
     assert all(c in full for c in kept)
-    ours = {signature(c) for c in full} & HOPPER_CONFIGS
-    assert {signature(c) for c in kept} == (ours or {signature(c) for c in full})
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize('kernel', KERNELS, ids=['fwd_h', 'bwd_dh'])
-def test_fla_offers_every_hopper_configuration_on_a_gpu(kernel):
-    assert {signature(c) for c in hopper_subset(_autotuner(kernel).configs)} == set(HOPPER_CONFIGS)
+    offered = {tuning.config_signature(c) for c in full} & kept_set
+    assert {tuning.config_signature(c) for c in kept} == (offered or {tuning.config_signature(c) for c in full})
 
 
 def test_subset_of_a_foreign_list_is_the_whole_list():
     configs = [triton.Config({'BT': 16}, num_warps=4), triton.Config({'BT': 32}, num_warps=8)]
-    assert hopper_subset(configs) == configs
+    assert tuning.subset(configs, tuning.HOPPER_SPACES['fla.ops.common.chunk_h.chunk_fwd_kernel_h'][0]) == configs
 
 
-def test_narrowing_applies_inside_the_block_only():
-    tuners = [_autotuner(k) for k in KERNELS]
-    before = [list(t.configs) for t in tuners]
-    with narrow_fla_autotune(None, enabled=True):
-        assert [t.configs for t in tuners] == [hopper_subset(b) for b in before]
-    assert [t.configs for t in tuners] == before
-    with pytest.raises(RuntimeError), narrow_fla_autotune(None, enabled=True):
-        raise RuntimeError("the op failed")
-    assert [t.configs for t in tuners] == before
-    with narrow_fla_autotune(None, enabled=False):
-        assert [t.configs for t in tuners] == before
+def test_narrowed_search_up_to_the_measured_size_only(monkeypatch):
+    name = 'fla.ops.common.chunk_o.chunk_bwd_kernel_dqkwg'
+    tuner = dict(tuning.hopper_tuners())[name]
+    kept, limit = tuning.HOPPER_SPACES[name]
+    monkeypatch.setattr(tuner, 'prune_configs', tuner.prune_configs)
+    monkeypatch.setattr(tuner, 'nargs', {}, raising=False)
+    tuning.narrow(tuner, kept, limit)
+    tuner.nargs = {'K': limit, 'V': limit // 2}
+    assert tuner.prune_configs({}) == tuning.subset(tuner.configs, kept) != tuner.configs
+    tuner.nargs = {'K': limit}
+    assert tuner.prune_configs({'V': 2 * limit}) == tuner.configs  # a 256 head dim: fla's full space
+
+
+def test_narrowing_applies_once_for_the_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tuning, 'narrow', lambda tuner, kept, limit: calls.append((tuner, kept, limit)))
+    monkeypatch.setattr(tuning, '_narrowed', False)
+    monkeypatch.setattr(tuning, '_enabled', lambda device: False)
+    tuning.narrow_fla_autotune(None)
+    assert calls == []
+    monkeypatch.setattr(tuning, '_enabled', lambda device: True)
+    tuning.narrow_fla_autotune(None)
+    tuning.narrow_fla_autotune(None)
+    assert calls == [(tuner, *tuning.HOPPER_SPACES[name]) for name, tuner in tuning.hopper_tuners()]
+
+
+def test_full_autotune_environment_variable_turns_it_off(monkeypatch):
+    monkeypatch.setenv('FLA_MESA_FULL_AUTOTUNE', '1')
+    assert not tuning._enabled(torch.device('cpu'))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('name', list(tuning.HOPPER_SPACES))
+def test_fla_offers_every_kept_configuration_on_a_gpu(name):
+    tuner = dict(tuning.hopper_tuners())[name]
+    assert tuning.HOPPER_SPACES[name][0] <= {tuning.config_signature(c) for c in tuner.configs}
