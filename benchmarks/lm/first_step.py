@@ -8,7 +8,9 @@ On a fresh GPU machine the first step is dominated by Triton compiling and autot
 the process's start time as the kernel records it (`/proc/self/stat`), so interpreter start-up and imports count.
 Model: the demo's GPU preset (hidden 512, 6 layers, heads of 128, SwiGLU, vocab 258, about 20M parameters for Mesa);
 batch 32 x 512 random token ids, bf16 autocast, fused AdamW. Prints the seconds to imports done, model built,
-first step done, and the time of each of the next steps.
+first step done, and the time of each of the next steps. `--autotune-report FILE` also records, for every kernel
+autotuned on the way, its key, the seconds the search took and every configuration's time (the data behind
+`fla_mesa/ops/tuning.py`'s narrowed spaces).
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def since_start(device: torch.device) -> float:
     return time.time() - T0
 
 
+def record_autotuning(report: list) -> None:
+    """Appends to `report` one entry per autotuning search that Triton runs from now on in this process."""
+    from triton.runtime.autotuner import Autotuner
+    run = Autotuner.run
+
+    def recorded(self, *args, **kwargs):
+        known, start = len(self.cache), time.perf_counter()
+        out = run(self, *args, **kwargs)
+        if len(self.cache) > known:
+            timings = getattr(self, 'configs_timings', None) or {}
+            report.append({
+                'kernel': self.base_fn.__name__, 'seconds': time.perf_counter() - start,
+                'key': str(list(self.cache)[-1]),  # the cache is a dict: the newest key is the last
+                'configs': sorted(([c.kwargs, c.num_warps, c.num_stages, t[0] if isinstance(t, list) else t]
+                                   for c, t in timings.items()), key=lambda e: e[3])})
+        return out
+    Autotuner.run = recorded
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='mesa', choices=zoo.ALL_MODELS)
@@ -58,7 +79,11 @@ def main(argv=None) -> dict:
     p.add_argument('--cg-steps', type=int, default=30)
     p.add_argument('--steps', type=int, default=3, help="steps in all; the first is the one timed from start")
     p.add_argument('--out')
+    p.add_argument('--autotune-report', help="JSON file for every autotuning search's key, seconds and timings")
     args = p.parse_args(argv)
+    report = []
+    if args.autotune_report:
+        record_autotuning(report)
 
     cache = os.environ.get('TRITON_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.triton', 'cache'))
     cache_was_empty = not (os.path.isdir(cache) and os.listdir(cache))
@@ -84,6 +109,11 @@ def main(argv=None) -> dict:
           + ', '.join(f'{s * 1e3:.0f} ms' for s in out['next_steps_s']))
     if args.out:
         common.write_json(args.out, out)
+    if args.autotune_report:
+        common.write_json(args.autotune_report, report)
+        for e in report:
+            print(f"[autotune] {e['kernel']:32s} {e['seconds']:6.1f}s {len(e['configs']):3d} configs, best "
+                  f"{e['configs'][0][:3] if e['configs'] else '-'}")
     return out
 
 
