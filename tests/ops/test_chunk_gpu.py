@@ -1,6 +1,8 @@
 """chunk_mesa's Triton path (CUDA) against the float64 references. Run on a GPU: pytest -m gpu."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ pytestmark = pytest.mark.gpu
 
 # fla's chunk primitives (and our CG kernel) take fp32 operands as tf32, unit roundoff 2^-11: errors of a
 # few units of it are what fp32 inputs can get on the GPU (fla's own MesaNet backward: 0.7e-3 to 1.9e-3).
-# Under TRITON_F32_DEFAULT=ieee every tl.dot of those kernels multiplies in full fp32, and 1e-3 must hold.
+# Under TRITON_F32_DEFAULT=ieee every tl.dot of those kernels multiplies in full fp32, and 1e-3 must hold
+# (test_fp32_under_ieee runs the ill-conditioned case so: a process of its own, compiling every kernel anew).
 IEEE = os.environ.get('TRITON_F32_DEFAULT') == 'ieee'
 FP32_GPU = 1e-3 if IEEE else 4 * 2 ** -11
 
@@ -33,7 +36,10 @@ def grads_of(fn, q, k, v, g, beta, lamb, state, cot, **kw):
 CASES = [
     dict(B=2, T=200, H=2, K=64, V=64, gate='mid', lamb_range=(0.25, 2.0), initial_state=True),
     dict(B=1, T=130, H=3, K=128, V=128, gate='keep', lamb_range=(0.25, 1.0), initial_state=False),
-    dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True),
+    # lamb down to 0.01: tf32 rounding, amplified by the conditioning, takes the Jacobi-started run's dk to 5.6e-3
+    # (2.8e-6 under ieee, and 1.9e-3 from the zero start), so this case is checked under ieee only
+    pytest.param(dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True),
+                 marks=pytest.mark.skipif(not IEEE, reason="ill-conditioned: checked by test_fp32_under_ieee")),
     dict(B=1, T=100, H=1, K=256, V=256, gate='mid', lamb_range=(0.5, 2.0), initial_state=True),
     dict(B=1, T=1, H=2, K=64, V=64, gate='mid', lamb_range=(0.5, 2.0), initial_state=True),
 ]
@@ -57,6 +63,17 @@ def test_fp32_outputs_states_and_gradients_match_float64(case, cg_init):
     print(f"\n[fp32 {'ieee' if IEEE else 'tf32'}] max {max(errs.values()):.2e}: "
           + ' '.join(f'{n} {e:.1e}' for n, e in errs.items()))
     assert all(e < FP32_GPU for e in errs.values()), errs
+
+
+@pytest.mark.skipif(IEEE, reason="already under ieee")
+def test_fp32_under_ieee():
+    env = {**os.environ, 'TRITON_F32_DEFAULT': 'ieee'}
+    run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-s', '-m', 'gpu',
+                          f'{__file__}::test_fp32_outputs_states_and_gradients_match_float64', '-k', 'T65K32forget'],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def test_cuda_path_equals_cpu_path_and_iteration_counts():
