@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import fla_mesa  # noqa: F401
 from fla_mesa.layers import MesaAttention
+from fla_mesa.layers.attn import Attention
 from fla_mesa.models import MesaConfig, MesaForCausalLM, MesaModel
 
 pytestmark = pytest.mark.usefixtures('one_cpu_thread')
@@ -17,6 +18,9 @@ pytestmark = pytest.mark.usefixtures('one_cpu_thread')
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 V = 64
+# a hybrid: layer 1 of 3 is softmax attention (grouped-query, 2 heads sharing 1 key-value head)
+HYBRID = dict(num_hidden_layers=3, attn={'layers': [1], 'num_heads': 2, 'num_kv_heads': 1})
+MODELS = pytest.mark.parametrize('kw', [{}, HYBRID], ids=['mesa', 'hybrid'])
 
 
 def tiny_config(**kw):
@@ -99,8 +103,9 @@ def test_save_load_round_trip(tmp_path, tie, mamba):
     assert flagged == expect and len(expect) == (3 if mamba else 1) * loaded.config.num_hidden_layers
 
 
-def test_prefill_then_decoding_matches_full_forward():
-    model = tiny_model().eval()
+@MODELS
+def test_prefill_then_decoding_matches_full_forward(kw):
+    model = tiny_model(**kw).eval()
     ids = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         full = model(ids).logits
@@ -113,9 +118,10 @@ def test_prefill_then_decoding_matches_full_forward():
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
 
 
+@MODELS
 @pytest.mark.parametrize('left', [True, False])
-def test_padded_batch_matches_each_sequence_alone(left):
-    model = tiny_model().eval()
+def test_padded_batch_matches_each_sequence_alone(kw, left):
+    model = tiny_model(**kw).eval()
     a, b = torch.randint(2, V, (1, 9)), torch.randint(2, V, (1, 5))
     filler = torch.full((1, 4), model.config.pad_token_id)
     ids = torch.cat([a, torch.cat([filler, b] if left else [b, filler], 1)])
@@ -131,15 +137,19 @@ def test_padded_batch_matches_each_sequence_alone(left):
 
 
 def greedy_by_recomputation(model, ids, n):
+    """Greedy decoding by full recomputation, with EOS barred as `generate(min_new_tokens=n)` bars it."""
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(ids).logits[:, -1]
+            logits[:, model.config.eos_token_id] = float('-inf')
+            nxt = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
     return ids
 
 
-def test_greedy_generate_matches_recomputation():
-    model = tiny_model().eval()
+@MODELS
+def test_greedy_generate_matches_recomputation(kw):
+    model = tiny_model(**kw).eval()
     ids = torch.randint(2, V, (2, 6))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                          min_new_tokens=6)
@@ -147,8 +157,9 @@ def test_greedy_generate_matches_recomputation():
     assert torch.equal(out, greedy_by_recomputation(model, ids, 6))
 
 
-def test_left_padded_generate_matches_each_prompt_alone():
-    model = tiny_model().eval()
+@MODELS
+def test_left_padded_generate_matches_each_prompt_alone(kw):
+    model = tiny_model(**kw).eval()
     a, b = torch.randint(2, V, (1, 7)), torch.randint(2, V, (1, 4))
     pad = model.config.pad_token_id
     ids = torch.cat([a, torch.cat([torch.full((1, 3), pad), b], 1)])
@@ -266,18 +277,12 @@ def test_fused_and_unfused_options_agree_on_cpu():
     torch.testing.assert_close(a.loss, b.loss)
 
 
-def test_hybrid_softmax_attention_is_gpu_only():
-    config = tiny_config(num_hidden_layers=2, attn={'layers': [1], 'num_heads': 2})
-    assert config.attn['layers'] == [1]
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match='flash-attn'):
-            MesaForCausalLM(config)
-        return
-    model = MesaForCausalLM(config)
-    with pytest.raises(RuntimeError, match='CPU'):
-        model(torch.randint(0, V, (1, 4)))
+def test_hybrid_layers_are_softmax_attention_with_the_config_spec():
+    model = tiny_model(**HYBRID)
+    kinds = [type(block.attn) for block in model.model.layers]
+    assert kinds == [MesaAttention, Attention, MesaAttention]
+    attn = model.model.layers[1].attn
+    assert (attn.num_heads, attn.num_kv_heads, attn.layer_idx) == (2, 1, 1)
 
 
 def test_shipped_configs_load_and_have_the_paper_sizes():
@@ -382,7 +387,6 @@ def test_cuda_float32_logits_match_cpu():
 @pytest.mark.gpu
 @cuda
 def test_cuda_hybrid_softmax_attention_layers():
-    pytest.importorskip('flash_attn')
     model = tiny_model(num_hidden_layers=3, attn={'layers': [1], 'num_heads': 2}).cuda().to(torch.bfloat16)
     assert not isinstance(model.model.layers[1].attn, MesaAttention)
     ids = torch.randint(2, V, (2, 20), device='cuda')

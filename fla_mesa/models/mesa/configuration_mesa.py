@@ -20,7 +20,7 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
     Model knobs as fla's models (`hidden_ratio`/`intermediate_size` of the MLP, `fuse_norm`, `fuse_swiglu`,
     `fuse_cross_entropy`, `fuse_linear_cross_entropy`: fused Triton kernels, used for CUDA tensors only), plus:
         attn (dict | list | None): fla's hybrid spec, e.g. `{"layers": [1, 3], "num_heads": 8}`: those layers are
-            softmax attention (`fla.layers.attn.Attention`), which needs flash-attn and CUDA.
+            softmax attention (`fla_mesa.layers.attn.Attention`: fla's layer, parameters and cache, on PyTorch's SDPA).
         final_logit_softcapping (float | None): logits = cap * tanh(logits / cap) (the paper: 30). Default: None.
         cg_steps_train_range (list[int] | None): `[lo, hi]`: in training mode, each forward draws one number of CG
             steps uniformly from it (torch's global generator) for every Mesa layer, instead of `cg_steps`; the

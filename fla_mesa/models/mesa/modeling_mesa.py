@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from fla.models.generation_utils import FLAUnsupportedCacheGenerationMixin
-from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel, get_attention
+from fla.models.configuration_utils import get_attention_spec
+from fla.models.modeling_utils import FLAForCausalLM, FLAModel, FLAPreTrainedModel
 from fla.modules import FusedCrossEntropyLoss, FusedLinearCrossEntropyLoss
 from fla.modules.l2warp import l2_warp
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import logging
 
+from fla_mesa.layers.attn import Attention
 from fla_mesa.layers.mesa import MesaAttention
 from fla_mesa.layers.modules import GatedMLP as MesaMLP
 from fla_mesa.layers.modules import RMSNorm
@@ -19,19 +21,15 @@ from fla_mesa.models.mesa.configuration_mesa import MesaConfig
 logger = logging.get_logger(__name__)
 
 
-def build_softmax_attention(config: MesaConfig, layer_idx: int) -> nn.Module | None:
-    """fla's softmax `Attention` for the layers listed in `config.attn`, else `None`.
-
-    fla's `Attention` runs on flash-attn only (CUDA): building it without flash-attn installed raises `ImportError`,
-    and `MesaBlock` refuses to run it on CPU tensors.
-    """
-    try:
-        return get_attention(config=config, layer_idx=layer_idx)
-    except ImportError as e:
-        raise ImportError(
-            f"MesaConfig.attn makes layer {layer_idx} a softmax-attention layer (fla.layers.attn.Attention), which "
-            "needs flash-attn (and CUDA); install flash-attn or set attn=None",
-        ) from e
+def build_softmax_attention(config: MesaConfig, layer_idx: int) -> Attention | None:
+    """Softmax `Attention` (fla's layer, computed with PyTorch's SDPA: `fla_mesa.layers.attn`) for the layers listed
+    in `config.attn`, else `None`."""
+    spec = get_attention_spec(config.attn, layer_idx=layer_idx)
+    if spec is None:
+        return None
+    return Attention(hidden_size=config.hidden_size, num_heads=spec['num_heads'], num_kv_heads=spec['num_kv_heads'],
+                     qkv_bias=spec['qkv_bias'], window_size=spec['window_size'], rope_theta=spec['rope_theta'],
+                     max_position_embeddings=config.max_position_embeddings, layer_idx=layer_idx)
 
 
 def _take_cache_kwarg(kwargs: dict) -> dict:
@@ -47,8 +45,8 @@ def _take_cache_kwarg(kwargs: dict) -> dict:
 
 
 class MesaBlock(GradientCheckpointingLayer):
-    """Pre-norm block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`; the mixer is `MesaAttention`, or fla's softmax
-    `Attention` for the layers listed in `config.attn` (CUDA + flash-attn only)."""
+    """Pre-norm block: `x + mixer(norm(x))`, then `x + mlp(norm(x))`; the mixer is `MesaAttention`, or softmax
+    `Attention` for the layers listed in `config.attn`."""
 
     def __init__(self, config: MesaConfig, layer_idx: int):
         super().__init__()
@@ -58,7 +56,6 @@ class MesaBlock(GradientCheckpointingLayer):
         norm_cls = RMSNorm if config.fuse_norm else nn.RMSNorm
         self.attn_norm = norm_cls(config.hidden_size, eps=config.norm_eps)
         self.attn = build_softmax_attention(config, layer_idx)
-        self.is_softmax_attention = self.attn is not None
         if self.attn is None:
             self.attn = MesaAttention(
                 hidden_size=config.hidden_size,
@@ -100,9 +97,6 @@ class MesaBlock(GradientCheckpointingLayer):
         attnres_states=None,
         **kwargs,
     ):
-        if self.is_softmax_attention and not hidden_states.is_cuda:
-            raise RuntimeError(f"layer {self.layer_idx} is softmax attention (MesaConfig.attn), which runs on "
-                               "flash-attn (CUDA) only; it cannot run on CPU tensors")
         residual = hidden_states
         hidden_states = self.attn_norm(hidden_states)
         hidden_states, attentions, past_key_values = self.attn(
