@@ -31,27 +31,37 @@ def config_signature(config) -> tuple:
 # the full search's winner; chunk_bwd_kernel_dh was measured at K = V = 16 and 128
 _CHUNK_H = frozenset(_sig(w, s, BK=bk, BV=bv) for bk, bv, w, s in [(32, 32, 4, 4), (32, 32, 8, 3), (64, 64, 2, 2),
                                                                     (32, 64, 4, 3)])
+_W4 = frozenset({_sig(4, 2), _sig(4, 3), _sig(4, 4)})
 
-# '<fla module>.<kernel>': (the configurations kept, each the winner of at least one full search measured; the largest
-# head or feature size, the kernel's K, V or D argument, measured). Larger sizes search fla's full space: a winner at
-# 128 can exceed the shared memory at 256 (chunk_bwd_kernel_dqkwg) or spill registers at a wider D.
-HOPPER_SPACES: dict[str, tuple[frozenset, int]] = {
-    'fla.ops.common.chunk_h.chunk_fwd_kernel_h': (_CHUNK_H, 128),
-    'fla.ops.common.chunk_h.chunk_bwd_kernel_dh': (_CHUNK_H, 128),
-    'fla.ops.common.chunk_o.chunk_fwd_kernel_o': (frozenset({_sig(2, BK=32, BV=32), _sig(4, BK=64, BV=64)}), 128),
-    'fla.ops.common.chunk_o.chunk_bwd_kernel_dqkwg': (frozenset({_sig(4, 2), _sig(4, 3), _sig(4, 4)}), 128),
-    'fla.ops.common.chunk_o.chunk_bwd_kernel_dv': (frozenset({_sig(4, 2), _sig(4, 3), _sig(4, 4)}), 128),
-    'fla.ops.utils.cumsum.chunk_local_cumsum_scalar_kernel': (frozenset({_sig(1), _sig(2)}), 0),  # no K, V, D
-    'fla.modules.norm.layernorm.layer_norm_fwd_kernel': (frozenset({_sig(4, BT=32), _sig(8, BT=32),
-                                                                   _sig(8, BT=64)}), 512),
-    'fla.modules.norm.layernorm.layer_norm_bwd_kernel': (frozenset({_sig(8, BT=32)}), 512),
-    'fla.modules.norm.fused_norm_gate.layer_norm_gated_fwd_kernel': (frozenset({_sig(4, BT=16)}), 128),
-    'fla.modules.norm.l2norm.l2norm_fwd_kernel': (frozenset({_sig(1, BT=8), _sig(1, BT=32), _sig(16, BT=32)}), 128),
-    'fla.modules.norm.l2norm.l2norm_bwd_kernel': (frozenset({_sig(8, BT=16), _sig(2, BT=8)}), 128),
-    'fla.modules.causal_conv1d.ops.causal_conv1d_fwd_kernel': (frozenset({_sig(4, BD=32)}), 1536),
-    'fla.modules.causal_conv1d.ops.causal_conv1d_bwd_kernel': (frozenset({_sig(4, BD=32)}), 512),
-    'fla.modules.activations.ops.swiglu_fwd_kernel': (frozenset({_sig(2, B=512)}), 1536),
-    'fla.modules.activations.ops.swiglu_fwdbwd_kernel': (frozenset({_sig(16, B=1024)}), 1536),
+
+def _sizes(*sizes: int) -> frozenset:
+    return frozenset(sizes)
+
+
+# '<fla module>.<kernel>': (the configurations kept, each the winner of at least one full search measured; the head
+# or feature sizes, the kernel's K, V or D arguments, at which they were measured). Other sizes search fla's full
+# space: a winner at 128 can exceed the shared memory at 256 (chunk_bwd_kernel_dqkwg), and where these spaces applied
+# at every size up to 128, fla's chunk_simple_gla at D = 64 timed 1.25x (fwd) and 1.34x (fwd+bwd) its earlier figures
+# while fla's chunk_mesa_net, whose kernels are not listed, timed the same.
+HOPPER_SPACES: dict[str, tuple[frozenset, frozenset]] = {
+    'fla.ops.common.chunk_h.chunk_fwd_kernel_h': (_CHUNK_H, _sizes(16, 128)),
+    'fla.ops.common.chunk_h.chunk_bwd_kernel_dh': (_CHUNK_H, _sizes(16, 128)),
+    'fla.ops.common.chunk_o.chunk_fwd_kernel_o': (frozenset({_sig(2, BK=32, BV=32), _sig(4, BK=64, BV=64)}),
+                                                  _sizes(128)),
+    'fla.ops.common.chunk_o.chunk_bwd_kernel_dqkwg': (_W4, _sizes(128)),
+    'fla.ops.common.chunk_o.chunk_bwd_kernel_dv': (_W4, _sizes(128)),
+    'fla.ops.utils.cumsum.chunk_local_cumsum_scalar_kernel': (frozenset({_sig(1), _sig(2)}), _sizes()),  # no K, V, D
+    'fla.modules.norm.layernorm.layer_norm_fwd_kernel': (frozenset({_sig(4, BT=32), _sig(8, BT=32), _sig(8, BT=64)}),
+                                                         _sizes(128, 512)),
+    'fla.modules.norm.layernorm.layer_norm_bwd_kernel': (frozenset({_sig(8, BT=32)}), _sizes(512)),
+    'fla.modules.norm.fused_norm_gate.layer_norm_gated_fwd_kernel': (frozenset({_sig(4, BT=16)}), _sizes(128)),
+    'fla.modules.norm.l2norm.l2norm_fwd_kernel': (frozenset({_sig(1, BT=8), _sig(1, BT=32), _sig(16, BT=32)}),
+                                                  _sizes(128)),
+    'fla.modules.norm.l2norm.l2norm_bwd_kernel': (frozenset({_sig(8, BT=16), _sig(2, BT=8)}), _sizes(128)),
+    'fla.modules.causal_conv1d.ops.causal_conv1d_fwd_kernel': (frozenset({_sig(4, BD=32)}), _sizes(512, 1536)),
+    'fla.modules.causal_conv1d.ops.causal_conv1d_bwd_kernel': (frozenset({_sig(4, BD=32)}), _sizes(512)),
+    'fla.modules.activations.ops.swiglu_fwd_kernel': (frozenset({_sig(2, B=512)}), _sizes(1536)),
+    'fla.modules.activations.ops.swiglu_fwdbwd_kernel': (frozenset({_sig(16, B=1024)}), _sizes(1536)),
 }
 SIZE_ARGS = ('K', 'V', 'D')
 
@@ -72,14 +82,14 @@ def subset(configs: list, kept: frozenset) -> list:
     return chosen or list(configs)
 
 
-def narrow(tuner, kept: frozenset, max_size: int) -> None:
-    """Makes `tuner` search `subset(configs, kept)` for the keys whose K, V and D arguments are all <= `max_size`."""
+def narrow(tuner, kept: frozenset, sizes: frozenset) -> None:
+    """Makes `tuner` search `subset(configs, kept)` for the keys whose K, V and D arguments are all in `sizes`."""
     prune = tuner.prune_configs
 
     def prune_configs(kwargs):
         configs = prune(kwargs)
         args = {**tuner.nargs, **kwargs}
-        if all(args[n] <= max_size for n in SIZE_ARGS if isinstance(args.get(n), int)):
+        if all(args[n] in sizes for n in SIZE_ARGS if isinstance(args.get(n), int)):
             configs = subset(configs, kept)
         return configs
     tuner.prune_configs = prune_configs

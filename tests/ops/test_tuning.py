@@ -26,22 +26,24 @@ def test_subset_of_a_foreign_list_is_the_whole_list():
     assert tuning.subset(configs, tuning.HOPPER_SPACES['fla.ops.common.chunk_h.chunk_fwd_kernel_h'][0]) == configs
 
 
-def test_narrowed_search_up_to_the_measured_size_only(monkeypatch):
+def test_narrowed_search_at_the_measured_sizes_only(monkeypatch):
     name = 'fla.ops.common.chunk_o.chunk_bwd_kernel_dqkwg'
     tuner = dict(tuning.hopper_tuners())[name]
-    kept, limit = tuning.HOPPER_SPACES[name]
+    kept, sizes = tuning.HOPPER_SPACES[name]
+    assert sizes == {128}
     monkeypatch.setattr(tuner, 'prune_configs', tuner.prune_configs)
     monkeypatch.setattr(tuner, 'nargs', {}, raising=False)
-    tuning.narrow(tuner, kept, limit)
-    tuner.nargs = {'K': limit, 'V': limit // 2}
+    tuning.narrow(tuner, kept, sizes)
+    tuner.nargs = {'K': 128, 'V': 128}
     assert tuner.prune_configs({}) == tuning.subset(tuner.configs, kept) != tuner.configs
-    tuner.nargs = {'K': limit}
-    assert tuner.prune_configs({'V': 2 * limit}) == tuner.configs  # a 256 head dim: fla's full space
+    for K, V in [(128, 256), (64, 64), (256, 128)]:  # fla's full space: 256 overflows the shared memory
+        tuner.nargs = {'K': K}
+        assert tuner.prune_configs({'V': V}) == tuner.configs
 
 
 def test_narrowing_applies_once_for_the_process(monkeypatch):
     calls = []
-    monkeypatch.setattr(tuning, 'narrow', lambda tuner, kept, limit: calls.append((tuner, kept, limit)))
+    monkeypatch.setattr(tuning, 'narrow', lambda tuner, kept, sizes: calls.append((tuner, kept, sizes)))
     monkeypatch.setattr(tuning, '_narrowed', False)
     monkeypatch.setattr(tuning, '_enabled', lambda device: False)
     tuning.narrow_fla_autotune(None)
