@@ -4,6 +4,8 @@ complex rotation), padding, packed sequences, cached decoding, and fla's paramet
 import pytest
 import torch
 from fla.models.cache_utils import Cache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fla_mesa.layers.attn import Attention
 
@@ -48,10 +50,16 @@ def reference(attn, x):
     return o @ attn.o_proj.weight.double().T
 
 
-@pytest.mark.parametrize('kw', LAYERS, ids=['mha', 'gqa_qknorm', 'window'])
-def test_matches_float64_reference(kw):
-    attn = layer(**kw)
-    x = torch.randn(2, 11, 32)
+@settings(max_examples=25)
+@given(B=st.integers(1, 3), T=st.integers(1, 40), heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]),
+       head_dim=st.sampled_from([8, 16]), qk_norm=st.booleans(), window=st.one_of(st.none(), st.integers(1, 12)),
+       seed=st.integers(0, 2 ** 16))
+def test_matches_float64_reference(B, T, heads, head_dim, qk_norm, window, seed):
+    torch.manual_seed(seed)
+    H, H_kv = heads
+    attn = Attention(hidden_size=H * head_dim, num_heads=H, num_kv_heads=H_kv, qk_norm=qk_norm, window_size=window,
+                     layer_idx=0).eval()
+    x = torch.randn(B, T, H * head_dim)
     with torch.no_grad():
         o, _, _ = attn(x)
     torch.testing.assert_close(o.double(), reference(attn, x), rtol=1e-5, atol=1e-5)
