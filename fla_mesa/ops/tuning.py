@@ -1,15 +1,16 @@
 """Narrower autotune spaces for the fla kernels that Mesa layers and models launch, on Hopper GPUs.
 
 fla autotunes its kernels over up to 48 launch configurations for every new key (the key includes the dtype of every
-tensor argument), and on a fresh machine each configuration is a Triton compilation of 2 to 9 s: a 6-layer Mesa
+tensor argument), and on a fresh machine each configuration is a Triton compilation of 0.5 to 9 s: a 6-layer Mesa
 model's first training step spent over 300 s in fla's searches (fused RMSNorm, SwiGLU, short convolution, L2 norm and
 the chunk primitives; benchmarks/RESULTS.md). On the first call of a fla_mesa op or module on an NVIDIA Hopper GPU,
 the kernels named in `HOPPER_SPACES` choose only among the configurations listed there, the winners of fla's full
-searches measured on an H200 (`benchmarks/lm/first_step.py --autotune-report`), for the rest of the process.
+searches measured on an H200 (`benchmarks/lm/first_step.py --autotune-report`), at the head and feature sizes where
+they were measured, for the rest of the process.
 
 This changes how the same fla kernels are tuned for every other fla model in the process too (launch configurations
-only: each configuration computes the same function). `FLA_MESA_FULL_AUTOTUNE=1` in the environment turns it off;
-on other GPUs fla's full spaces are searched.
+only: each configuration computes the same function, up to rounding). `FLA_MESA_FULL_AUTOTUNE=1` in the environment
+turns it off; on other GPUs fla's full spaces are searched.
 """
 
 from __future__ import annotations
