@@ -15,7 +15,8 @@ same optimiser) and prints, per step, both losses, then the max abs loss differe
 final parameters, and PASS/FAIL against `--tol` (default 1e-4 on CPU fp32; 2e-3 on CUDA). Run the CUDA check under
 TRITON_F32_DEFAULT=ieee: with fla's default tf32 products the two runs' losses part by 2.7e-2 within 3 steps (Adam's
 first steps turn rounding differences in near-zero gradients into lr-sized updates); under ieee they agree to 2.4e-6
-for 3 steps and to 1.5e-3 over 10 (H200 x2, benchmarks/RESULTS.md).
+for 3 steps and to 1.5e-3 over 10 (H200 x2, benchmarks/RESULTS.md). `--optimizer sgd` (plain SGD) takes Adam's
+amplification out: on CPU with gloo, 2 processes, 5 tiny steps, the losses then agree to 4.8e-7.
 On CUDA the backend is NCCL (leave NCCL's environment as the machine sets it, e.g. NCCL_NVLS_ENABLE=0); on CPU gloo.
 """
 
@@ -51,6 +52,8 @@ def parse_args(argv=None):
     for name, typ in (('steps', int), ('hidden-size', int), ('layers', int), ('head-dim', int), ('seq-len', int),
                       ('global-batch', int), ('lr', float), ('cg-steps', int)):
         p.add_argument(f'--{name}', type=typ)
+    p.add_argument('--optimizer', choices=('adamw', 'sgd'), default='adamw',
+                   help="sgd (plain, no momentum) for a --check that does not amplify rounding differences")
     p.add_argument('--tol', type=float, help="max abs loss difference allowed by --check")
     p.add_argument('--autocast', action='store_true', help="bf16 autocast on CUDA (not with --check)")
     p.add_argument('--seed', type=int, default=0)
@@ -68,13 +71,15 @@ def no_decay_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if common.no_weight_decay(n, p)}
 
 
-def make_optimizer(model, lr: float, nd: set[str]):
+def make_optimizer(model, lr: float, nd: set[str], kind: str = 'adamw'):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         n = n.replace('module.', '', 1) if n.startswith('module.') else n  # DDP prefix
         (no_decay if n in nd else decay).append(p)
-    return torch.optim.AdamW([{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}],
-                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    groups = [{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, 'weight_decay': 0.0}]
+    if kind == 'sgd':
+        return torch.optim.SGD(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
 
 def build(cfg, device, seed):
@@ -154,8 +159,8 @@ def main(argv=None) -> int:
     tol = args.tol if args.tol is not None else (1e-4 if device.type == 'cpu' else 2e-3)
 
     log(f"versions: {common.versions()}", rank)
-    log(f"mode {args.mode}, world {world}, backend {backend if world > 1 else 'none'}, device {device}, "
-        f"seed {args.seed}, config {cfg}" + (f", NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}"
+    log(f"mode {args.mode}, optimizer {args.optimizer}, world {world}, backend {backend if world > 1 else 'none'}, "
+        f"device {device}, seed {args.seed}, config {cfg}" + (f", NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}"
                                              if backend == 'nccl' else ''), rank)
     data = corpus.ByteCorpus.load(max_train_bytes=2_000_000 if args.tiny else None)
     log(data.describe(), rank)
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    opt = make_optimizer(model, cfg['lr'], nd)
+    opt = make_optimizer(model, cfg['lr'], nd, args.optimizer)
     log(f"MesaForCausalLM {common.count_params(model) if world == 1 or args.mode == 'ddp' else '(sharded)'} params; "
         f"{cfg['global_batch'] // world} rows per rank", rank)
     if device.type == 'cuda':
@@ -188,7 +193,7 @@ def main(argv=None) -> int:
     if args.check:
         if rank == 0:
             ref = build(cfg, device, args.seed)
-            ref_opt = make_optimizer(ref, cfg['lr'], no_decay_names(ref))
+            ref_opt = make_optimizer(ref, cfg['lr'], no_decay_names(ref), args.optimizer)
             ref_losses = train(ref, ref_opt, batches(data, cfg, args.seed), cfg, device, 0, 1, False,
                                "single process")
             ref_params = full_params(ref)

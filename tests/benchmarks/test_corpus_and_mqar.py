@@ -242,11 +242,12 @@ def test_train_mqar_smoke():
     assert '| mesa |' in tm.best_table(out['results'], out['config'])
 
 
-def test_train_fsdp_single_process_check(monkeypatch):
+@pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
+def test_train_fsdp_single_process_check(monkeypatch, optimizer):
     for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
         monkeypatch.delenv(k, raising=False)
     tf = load(os.path.join(ROOT, 'benchmarks', 'distributed', 'train_fsdp.py'), 'dist_train_fsdp')
-    assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2']) == 0
+    assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2', '--optimizer', optimizer]) == 0
 
 
 def test_sdpa_stand_in_for_flash_attn_is_causal_attention():
