@@ -3,7 +3,8 @@
 fla's `fla.layers.attn.Attention` runs on flash-attn only, which neither a CPU nor our GPU image has, so this module
 computes the same layer with PyTorch's `scaled_dot_product_attention` (which itself takes FlashAttention kernels on
 CUDA where it can). Constructor, parameters, state-dict keys, rotary convention and cache format are fla's, so
-checkpoints and caches move between the two.
+checkpoints and caches move between the two; positions differ only for right-padded batches with a cache, which
+fla's layer shifts to negative positions (see `Attention.forward`).
 """
 
 from __future__ import annotations
