@@ -1,7 +1,8 @@
 """Multi-query associative recall with 2-layer models of equal width: fla_mesa's Mesa, fla's MesaNet, Gated
 DeltaNet, GLA and softmax attention (fla's Transformer), over model widths and sequence lengths.
 
-    python benchmarks/mqar/train_mqar.py --quick                        # GPU: small grid, a few minutes
+    python benchmarks/mqar/train_mqar.py --quick                        # GPU: small grid, a few minutes; a check
+                                                                        # that it runs: too short to learn recall
     python benchmarks/mqar/train_mqar.py                                # GPU: widths 64,128,256 x seq 256,512,1024
     python benchmarks/mqar/train_mqar.py --models mesa --tiny --device cpu   # CPU smoke test (Mesa only)
     python benchmarks/mqar/train_mqar.py --merge a.json b.json          # tables/plot of earlier --out files
