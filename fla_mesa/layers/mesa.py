@@ -281,8 +281,10 @@ class MesaAttention(nn.Module):
             raise ValueError(f"MesaAttention: the cached state holds {recurrent_state[0].shape[0]} sequences but the "
                              f"input has {num_seqs}")
 
+        # lamb > 0 and g <= 0 by construction: the ops' value checks would wait for the device every call
         cg_kwargs = dict(cg_steps=cg_steps, cg_tol=self.cg_tol, cg_init=self.cg_init, initial_state=recurrent_state,
-                         output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True)
+                         output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+                         check_values=False)
         op = fused_recurrent_mesa if use_recurrent else chunk_mesa
         o, recurrent_state, *cg_iters = op(q, k, v, g, beta, lamb, return_cg_iters=self.record_cg_iters, **cg_kwargs)
         if self.record_cg_iters:

@@ -212,6 +212,7 @@ def chunk_mesa(
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_iters: bool = False,
     chunk_size: int = 64,
+    check_values: bool = True,
 ):
     r"""The Mesa layer's sequence op: o_t = S_t^T (H_t + diag(lamb))^{-1} q_t, chunked.
 
@@ -239,6 +240,9 @@ def chunk_mesa(
         return_cg_iters (bool): also return the CG iterations each token ran before meeting `cg_tol`
             (int32 `[B, T, H]`; every token gets `cg_steps` without a tolerance).
         chunk_size (int): tokens per chunk, 16, 32 or 64 on CUDA. Default: 64.
+        check_values (bool): raise if some lamb <= 0 or g > 0. Each of the two checks waits for the device on
+            CUDA (and cannot run under CUDA-graph capture); pass False where they hold by construction, as
+            `MesaAttention` does. Shapes and dtypes are always checked. Default: True.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.
@@ -250,7 +254,8 @@ def chunk_mesa(
     float32. On CUDA the products run on tf32 tensor cores (unit roundoff 2^-11), as in fla's chunk
     primitives; the backward's GLA passes take x and -u in the input dtype.
     """
-    B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
+    B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init,
+                                    check_values)
     if chunk_size not in (16, 32, 64) and (q.is_cuda or chunk_size < 1 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"`chunk_size`: expected 16, 32 or 64 (a power of two off CUDA), got {chunk_size}")
     if q.is_cuda:

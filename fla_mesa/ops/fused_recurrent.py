@@ -433,6 +433,7 @@ def fused_recurrent_mesa(
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_iters: bool = False,
+    check_values: bool = True,
 ):
     r"""
     Mesa, token by token: the decoding path (forward only, for inference).
@@ -476,6 +477,10 @@ def fused_recurrent_mesa(
         return_cg_iters (bool):
             also return the CG iterations each token ran (int32 `[B, T, H]`), as in `chunk_mesa`.
             Default: `False`.
+        check_values (bool):
+            raise if some lamb <= 0 or g > 0, as in `chunk_mesa`: each check waits for the device on CUDA and
+            cannot run under CUDA-graph capture. `MesaAttention` passes `False` (both hold by construction).
+            Default: `True`.
 
     Returns:
         o (torch.Tensor):
@@ -511,7 +516,7 @@ def fused_recurrent_mesa(
         >>> h0 = (torch.zeros(B, H, K, K, device='cuda'), torch.zeros(B, H, K, V, device='cuda'))
         >>> o, ht = fused_recurrent_mesa(q, k, v, g, beta, lamb, initial_state=h0, output_final_state=True)
     """
-    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init)
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values)
     if initial_state is not None:
         initial_state = tuple(initial_state)
     o, h_kk, h_kv, iters = FusedRecurrentMesaFunction.apply(

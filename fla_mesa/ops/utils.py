@@ -55,8 +55,11 @@ def _fail(name, expected, got):
     raise ValueError(f"`{name}`: expected {expected}, got {got}")
 
 
-def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init):
-    """Raises `ValueError` naming the first argument that does not fit; returns (B, T, H, K, V, N)."""
+def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values=True):
+    """Raises `ValueError` naming the first argument that does not fit; returns (B, T, H, K, V, N).
+
+    `check_values=False` skips the two checks that read tensor values (lamb > 0, g <= 0): on CUDA each one waits
+    for the device."""
     for name, x in (('q', q), ('k', k), ('v', v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             _fail(name, "a 4-d tensor [B, T, H, D]", getattr(x, 'shape', type(x)))
@@ -79,7 +82,7 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
         _fail('lamb', f"shape [H, K] = [{H}, {K}]", tuple(getattr(lamb, 'shape', ())) or type(lamb))
     if not lamb.is_floating_point():
         _fail('lamb', "a floating-point tensor", lamb.dtype)
-    if T > 0:
+    if T > 0 and check_values:
         if not bool((lamb > 0).all()):
             _fail('lamb', "every entry > 0 (H + diag(lamb) must be positive definite)",
                   f"min {lamb.min().item():.3g}")

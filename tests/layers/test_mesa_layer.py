@@ -178,6 +178,22 @@ def test_padded_prefill_then_decoding_matches_each_sequence():
         torch.testing.assert_close(o[1], layer(x[1:])[0][0], rtol=1e-4, atol=1e-5)
 
 
+def test_layer_skips_the_ops_value_checks(monkeypatch):
+    """lamb > 0 and g <= 0 hold by construction; the ops' checks of them would wait for the device on CUDA."""
+    import fla_mesa.layers.mesa as mesa_module
+    seen = []
+    for name in ('chunk_mesa', 'fused_recurrent_mesa'):
+        op = getattr(mesa_module, name)
+        monkeypatch.setattr(mesa_module, name,
+                            lambda *a, _op=op, _n=name, **kw: seen.append((_n, kw['check_values'])) or _op(*a, **kw))
+    layer, cache = make_layer(), Cache()
+    x = torch.randn(1, 5, D)
+    with torch.no_grad():
+        layer(x[:, :4], past_key_values=cache, use_cache=True)
+        layer(x[:, 4:], past_key_values=cache, use_cache=True)
+    assert seen == [('chunk_mesa', False), ('fused_recurrent_mesa', False)]  # prefill, then one decoded token
+
+
 def test_fused_recurrent_mode_matches_chunk():
     chunk = make_layer(cg_steps=30).eval()
     rec = make_layer(cg_steps=30, mode='fused_recurrent').eval()

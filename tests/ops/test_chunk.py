@@ -230,6 +230,18 @@ def test_bad_input_names_the_argument(override, match):
         chunk_mesa(**_bad(**override))
 
 
+@pytest.mark.parametrize('override,match', [
+    (dict(lamb=torch.ones(2, 5, dtype=torch.float64)), r'`lamb`: expected shape \[H, K\]'),
+    (dict(g=torch.zeros(2, 8, 3, dtype=torch.float64)), '`g`: expected shape'),
+])
+def test_check_values_false_skips_only_the_value_checks(override, match):
+    args = _bad(lamb=-torch.ones(2, 4, dtype=torch.float64), g=torch.full((2, 8, 2), 0.1, dtype=torch.float64))
+    o, _ = chunk_mesa(**args, cg_steps=2, check_values=False)  # lamb < 0 and g > 0 pass unread
+    assert o.shape == (2, 8, 2, 4)
+    with pytest.raises(ValueError, match=match):
+        chunk_mesa(**{**args, **override}, check_values=False)
+
+
 def test_bad_cu_seqlens_values():
     q, k, v, g, beta, lamb, _ = make_inputs(1, 8, 2, 4, 4)
     with pytest.raises(ValueError, match='`cu_seqlens`: expected non-decreasing offsets'):

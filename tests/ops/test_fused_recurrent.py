@@ -302,6 +302,14 @@ def test_no_backward():
     assert not o.requires_grad
 
 
+def test_check_values_false_skips_only_the_value_checks():
+    q, k, v, g, beta, lamb, state = make_inputs(2, 3, 2, 4, 3, seed=6)
+    o, _ = fused_recurrent_mesa(q, k, v, g + 0.1, beta, lamb - 2, cg_steps=2, initial_state=state, check_values=False)
+    assert o.shape == (2, 3, 2, 3)
+    with pytest.raises(ValueError, match='`lamb`'):
+        fused_recurrent_mesa(q, k, v, g, beta, lamb[:, :3], initial_state=state, check_values=False)
+
+
 @pytest.mark.parametrize('bad', ['lamb_zero', 'g_positive', 'k_shape', 'cg_init', 'cg_tol', 'cg_steps',
                                  'varlen_batch', 'state_shape', 'beta_shape'])
 def test_bad_inputs_raise(bad):
