@@ -313,6 +313,31 @@ def test_cuda_bf16_layer_matches_cpu_float32():
 
 @pytest.mark.gpu
 @cuda
+def test_cuda_layer_never_waits_for_the_device():
+    """Training step, prefill and decoding without a host-device sync (after the first call's compiling and
+    autotuning): what CUDA-graph capture and CPU/GPU overlap need."""
+    layer = make_layer(cg_steps=30).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 70, D, device='cuda', dtype=torch.bfloat16)
+
+    def run():
+        layer.train()(x.requires_grad_())[0].float().sum().backward()
+        with torch.no_grad():
+            layer.eval()  # one new token: fused_recurrent_mesa
+            cache = Cache()
+            layer(x[:, :69], past_key_values=cache, use_cache=True)
+            layer(x[:, 69:], past_key_values=cache, use_cache=True)
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_bf16_decoding_matches_full_forward():
     layer = make_layer(cg_steps=30, decode_cg_steps=30).cuda().to(torch.bfloat16).eval()
     x = torch.randn(2, 40, D, device='cuda', dtype=torch.bfloat16)
