@@ -15,6 +15,7 @@ turns it off; on other GPUs fla's full spaces are searched.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -107,11 +108,15 @@ def hopper_tuners() -> list:
     return found
 
 
-def _enabled(device) -> bool:
-    if os.environ.get('FLA_MESA_FULL_AUTOTUNE', '0') == '1':
-        return False
+@functools.lru_cache(maxsize=None)
+def _is_hopper(device) -> bool:
+    """Asked on every CUDA call of the modules until narrowed (forever on other GPUs): memoised per device."""
     import torch
     return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _enabled(device) -> bool:
+    return os.environ.get('FLA_MESA_FULL_AUTOTUNE', '0') != '1' and _is_hopper(device)
 
 
 def narrow_fla_autotune(device) -> None:
