@@ -101,9 +101,9 @@ class Attention(nn.Module):
         # with a cache, positions continue from it, and a sequence's leading (left) padding is discounted so that
         # its first token is at 0, as in fla's layer; fla's discount, `length - mask width`, is also taken by right
         # padding, which then shifts whole sequences to negative positions
-        offset, max_seqlen = 0, T
+        offset, max_seqlen, cached_len = 0, T, 0
         if past_key_values is not None:
-            offset = past_key_values.get_seq_length(self.layer_idx)
+            offset = cached_len = past_key_values.get_seq_length(self.layer_idx)
             max_seqlen = T + offset
             if cu_seqlens is None and attention_mask is not None:
                 offset = offset - (attention_mask.cumsum(-1) == 0).sum(-1)
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         q, k = self.rotary(q, k, seqlen_offset=offset, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
 
         if past_key_values is not None:
-            has_content = past_key_values.get_seq_length(self.layer_idx) > 0
+            has_content = cached_len > 0
             if cu_seqlens is not None and has_content:
                 raise ValueError("`cu_seqlens` cannot be combined with a cache that has content")
             cached = past_key_values[self.layer_idx]['attn_state'] if has_content else None
