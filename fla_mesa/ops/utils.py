@@ -74,11 +74,11 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
     if k.dtype != q.dtype or v.dtype != q.dtype:
         _fail('k/v', f"the dtype of q ({q.dtype})", (k.dtype, v.dtype))
     for name, x in (('g', g), ('beta', beta)):
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (B, T, H):
+        if not isinstance(x, torch.Tensor) or x.shape != (B, T, H):
             _fail(name, f"shape [B, T, H] = [{B}, {T}, {H}]", tuple(getattr(x, 'shape', ())) or type(x))
         if not x.is_floating_point():
             _fail(name, "a floating-point tensor", x.dtype)
-    if not isinstance(lamb, torch.Tensor) or tuple(lamb.shape) != (H, K):
+    if not isinstance(lamb, torch.Tensor) or lamb.shape != (H, K):
         _fail('lamb', f"shape [H, K] = [{H}, {K}]", tuple(getattr(lamb, 'shape', ())) or type(lamb))
     if not lamb.is_floating_point():
         _fail('lamb', "a floating-point tensor", lamb.dtype)
@@ -117,7 +117,8 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
         _fail('cg_tol', "None or a float in (0, 1), the relative residual ||r_k|| / ||r_0|| to stop at", cg_tol)
     if cg_init not in CG_INITS:
         _fail('cg_init', f"one of {CG_INITS}", repr(cg_init))
+    device = q.get_device()  # an int (-1 on the CPU): cheaper to compare than torch.device objects
     for name, x in (('k', k), ('v', v), ('g', g), ('beta', beta), ('lamb', lamb)):
-        if x.device != q.device:
+        if x.get_device() != device:
             _fail(name, f"a tensor on {q.device} like q", x.device)
     return B, T, H, K, V, N
