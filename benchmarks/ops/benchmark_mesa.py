@@ -1,9 +1,10 @@
 """Times chunk_mesa beside fla's chunk_mesa_net, chunk_simple_gla and chunk_gated_delta_rule (one GPU).
 
-Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64]
+Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64 --parts speed accuracy decode]
 Prints, per head dim, forward and forward+backward medians (triton.testing.do_bench), our time over
 fla's MesaNet at equal CG steps, peak memory of forward+backward, the output error against a float64
-exact solve for fixed steps and tolerances, and decoding tokens/s. Ratios within one run are what to quote.
+exact solve for fixed steps and tolerances, and decoding tokens/s (eager calls, and CUDA graphs without the
+host's launch overhead). Ratios within one run are what to quote.
 """
 
 import argparse
@@ -81,20 +82,69 @@ def accuracy(D, H=4, T=2048, tols=(1e-2, 3e-3, 1e-3, 1e-4)):
     return rows
 
 
+def graph_bench(fn):
+    """do_bench of a CUDA graph of `fn`: the GPU time without the host's launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=25, rep=200)
+
+
+@torch.no_grad()
 def decode(D, H=16, batches=(1, 64), steps=30):
+    """One decoding step per call: tokens/s from eager calls (host overhead included) and from CUDA graphs."""
     from fla.ops.mesa_net import mesa_net_decoding_one_step
     rows = []
     for B in batches:
         q, k, v, g, beta, lamb = [t.detach() for t in inputs(B, 1, H, D, False, seed=2)]
         a = torch.randn(B, H, D, D, device='cuda') / D
         h_kk, h_kv = a @ a.mT, torch.randn(B, H, D, D, device='cuda')
-        t_fla = do_bench(lambda: mesa_net_decoding_one_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], lamb, beta[:, 0],
-                                                            h_kk, h_kv, max_CG_iteration=steps))
-        # as MesaAttention calls it: without the value checks, which wait for the GPU (fla's op has none)
-        t_ours = do_bench(lambda: fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_steps=steps, check_values=False,
-                                                       initial_state=(h_kk, h_kv), output_final_state=True))
-        rows.append((B, B / t_fla * 1e3, B / t_ours * 1e3))
+
+        def fla():
+            return mesa_net_decoding_one_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], lamb, beta[:, 0], h_kk, h_kv,
+                                              max_CG_iteration=steps)
+
+        def ours():
+            # as MesaAttention calls it: without the value checks, which wait for the GPU (fla's op has none)
+            return fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_steps=steps, check_values=False,
+                                        initial_state=(h_kk, h_kv), output_final_state=True)
+
+        iters = fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_steps=steps, initial_state=(h_kk, h_kv),
+                                     return_cg_iters=True)[2].float().mean().item()
+        rows.append((B, *(B / do_bench(fn, warmup=25, rep=200) * 1e3 for fn in (fla, ours)),
+                     *(B / graph_bench(fn) * 1e3 for fn in (fla, ours)), iters))
     return rows
+
+
+def speed(D, args):
+    """Forward and forward+backward times and peak memory, and our time over fla's MesaNet."""
+    print("\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
+    times = {}
+    for steps in (30, 10):
+        mesa, _ = ops(steps)
+        for name, fn in mesa.items():
+            f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
+            fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+            times[name] = (f, fb)
+            print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
+    for name, fn in ops(0)[1].items():
+        f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
+        fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+        print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
+    print("\n| ratio ours / fla chunk_mesa_net | fwd | fwd+bwd |\n|---|---|---|")
+    for steps in (30, 10):
+        ours, fla = times[f'chunk_mesa, {steps} CG'], times[f'fla chunk_mesa_net, {steps} CG']
+        print(f"| {steps} CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+    fla = times['fla chunk_mesa_net, 30 CG']
+    for tol in (1e-2, 1e-3):
+        ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
+        print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
 
 
 def main():
@@ -103,36 +153,24 @@ def main():
     p.add_argument('--T', type=int, default=2048)
     p.add_argument('--H', type=int, default=16)
     p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    parts = ('speed', 'accuracy', 'decode')
+    p.add_argument('--parts', nargs='+', choices=parts, default=list(parts))
     args = p.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.B} T={args.T} H={args.H} bf16")
     for D in args.dims:
-        print(f"\n## D = {D}\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
-        times = {}
-        for steps in (30, 10):
-            mesa, _ = ops(steps)
-            for name, fn in mesa.items():
-                f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
-                fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
-                times[name] = (f, fb)
-                print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
-        for name, fn in ops(0)[1].items():
-            f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
-            fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
-            print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
-        print("\n| ratio ours / fla chunk_mesa_net | fwd | fwd+bwd |\n|---|---|---|")
-        for steps in (30, 10):
-            ours, fla = times[f'chunk_mesa, {steps} CG'], times[f'fla chunk_mesa_net, {steps} CG']
-            print(f"| {steps} CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
-        fla = times['fla chunk_mesa_net, 30 CG']
-        for tol in (1e-2, 1e-3):
-            ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
-            print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
-        print(f"\n| accuracy, B=1 T={args.T} H=4 | rel. error of o vs float64 exact | steps (mean) |\n|---|---|---|")
-        for name, e, s in accuracy(D, T=args.T):
-            print(f"| {name} | {e:.2e} | {'' if s is None else f'{s:.1f}'} |")
-        print("\n| decoding, 30 CG | fla tokens/s | ours tokens/s | ratio |\n|---|---|---|---|")
-        for B, fla, ours in decode(D):
-            print(f"| batch {B} | {fla:.0f} | {ours:.0f} | {ours / fla:.2f} |")
+        print(f"\n## D = {D}")
+        if 'speed' in args.parts:
+            speed(D, args)
+        if 'accuracy' in args.parts:
+            print(f"\n| accuracy, B=1 T={args.T} H=4 | rel. error of o vs float64 exact | steps (mean) |\n|---|---|---|")
+            for name, e, s in accuracy(D, T=args.T):
+                print(f"| {name} | {e:.2e} | {'' if s is None else f'{s:.1f}'} |")
+        if 'decode' in args.parts:
+            print(f"\n| decoding, H={args.H}, 30 CG at most | fla tokens/s | ours tokens/s | ratio "
+                  "| fla, CUDA graph | ours, CUDA graph | ratio | our mean CG iterations |\n|---|---|---|---|---|---|---|---|")
+            for B, fla, ours, fla_g, ours_g, iters in decode(D, H=args.H):
+                print(f"| batch {B} | {fla:,.0f} | {ours:,.0f} | {ours / fla:.2f} | {fla_g:,.0f} | {ours_g:,.0f} "
+                      f"| {ours_g / fla_g:.2f} | {iters:.1f} |")
 
 
 if __name__ == '__main__':
