@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument('--lrs', help="comma list of peak learning rates (best test accuracy is reported)")
     p.add_argument('--head-dim', type=int, default=None, help="head dim (default 64, or the width if smaller)")
     p.add_argument('--layers', type=int, default=2)
+    p.add_argument('--budget-s', type=float, help="stop each cell's training after this many seconds and score it "
+                   "(the lr schedule still spans --steps); the steps done are recorded")
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int)
@@ -112,8 +114,8 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     n = train.inputs.shape[0]
     order = torch.randperm(n, generator=gen)
     pos, warmup = 0, max(1, cfg['steps'] // 10)
-    t0 = common.now(device)
-    last = float('nan')
+    t0, t_wall = common.now(device), time.perf_counter()
+    last, done = float('nan'), 0
     curve, every = [], max(1, cfg['steps'] // 20)
     bar = common.progress(range(cfg['steps']), desc=f"{name} d={width} L={seq_len} lr={lr:g}", disable=args.no_progress,
                dynamic_ncols=True, mininterval=2.0, leave=False)
@@ -131,16 +133,20 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
         last = loss.item()
         if not math.isfinite(last):
             raise RuntimeError(f"non-finite loss {last} at step {step}")
-        if step % every == 0 or step + 1 == cfg['steps']:
-            curve.append((step + 1, round(last, 5)))
+        done = step + 1
+        out_of_time = args.budget_s is not None and time.perf_counter() - t_wall > args.budget_s
+        if step % every == 0 or done == cfg['steps'] or out_of_time:
+            curve.append((done, round(last, 5)))
             bar.set_postfix(loss=f'{last:.3f}')
+        if out_of_time:
+            break
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
     res = {'model': name, 'width': width, 'seq_len': seq_len, 'lr': lr, 'acc': acc, 'final_loss': last,
-           'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True, 'loss_curve': curve}
+           'steps_done': done, 'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True, 'loss_curve': curve}
     print(f"  {name:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
-          f"loss {last:.4f}  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params  loss curve "
+          f"loss {last:.4f}  {done} steps  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params  loss curve "
           f"{' '.join(f'{s}:{l:.2f}' for s, l in curve[::4] + curve[-1:])}", flush=True)
     del model, opt
     if device.type == 'cuda':

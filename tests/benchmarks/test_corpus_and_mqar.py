@@ -240,6 +240,12 @@ def test_train_mqar_smoke():
     (r,) = out['results']
     assert r['ok'] and 0.0 <= r['acc'] <= 1.0 and math.isfinite(r['final_loss'])
     assert '| mesa |' in tm.best_table(out['results'], out['config'])
+    assert r['steps_done'] == 2
+    # a time budget stops training early (here after the first step) and still scores the model
+    out = tm.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '50', '--budget-s', '0',
+                   '--no-progress'])
+    (r,) = out['results']
+    assert r['ok'] and r['steps_done'] == 1 and r['loss_curve'] == [(1, round(r['final_loss'], 5))]
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
