@@ -394,17 +394,19 @@ def fused_recurrent_mesa_fwd_torch(
     return o.to(o_dtype), (h_kk, h_kv), (iters if return_cg_iters else None)
 
 
+def fused_recurrent_mesa_fwd(q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens,
+                             use_qk_l2norm_in_kernel, return_cg_iters):
+    fwd = fused_recurrent_mesa_fwd_triton if q.is_cuda else fused_recurrent_mesa_fwd_torch
+    return fwd(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, cg_steps=cg_steps, cg_tol=cg_tol, cg_init=cg_init,
+               initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+               return_cg_iters=return_cg_iters)
+
+
 class FusedRecurrentMesaFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, return_cg_iters):
-        fwd = fused_recurrent_mesa_fwd_triton if q.is_cuda else fused_recurrent_mesa_fwd_torch
-        o, (h_kk, h_kv), iters = fwd(
-            q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, cg_steps=cg_steps, cg_tol=cg_tol, cg_init=cg_init,
-            initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            return_cg_iters=return_cg_iters,
-        )
+    def forward(ctx, *args):
+        o, (h_kk, h_kv), iters = fused_recurrent_mesa_fwd(*args)
         if iters is not None:
             ctx.mark_non_differentiable(iters)
         return o, h_kk, h_kv, iters
@@ -519,21 +521,14 @@ def fused_recurrent_mesa(
     check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values)
     if initial_state is not None:
         initial_state = tuple(initial_state)
-    tensors = (q, k, v, g, beta, lamb) + (initial_state or ())
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
-        # only so that a backward through the outputs raises a clear error
-        o, h_kk, h_kv, iters = FusedRecurrentMesaFunction.apply(
-            q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
-            return_cg_iters,
-        )
+    args = (q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
+            return_cg_iters)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, lamb) + (initial_state or ())):
+        # through autograd only so that a backward through the outputs raises a clear error
+        o, h_kk, h_kv, iters = FusedRecurrentMesaFunction.apply(*args)
     else:
         # decoding: autograd's bookkeeping costs more host time than the kernel at small batch
-        fwd = fused_recurrent_mesa_fwd_triton if q.is_cuda else fused_recurrent_mesa_fwd_torch
-        o, (h_kk, h_kv), iters = fwd(
-            q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, cg_steps=cg_steps, cg_tol=cg_tol, cg_init=cg_init,
-            initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            return_cg_iters=return_cg_iters,
-        )
+        o, (h_kk, h_kv), iters = fused_recurrent_mesa_fwd(*args)
     final_state = (h_kk, h_kv) if output_final_state else None
     if return_cg_iters:
         return o, final_state, iters

@@ -82,6 +82,10 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
         _fail('lamb', f"shape [H, K] = [{H}, {K}]", tuple(getattr(lamb, 'shape', ())) or type(lamb))
     if not lamb.is_floating_point():
         _fail('lamb', "a floating-point tensor", lamb.dtype)
+    device = q.device
+    for name, x in (('k', k), ('v', v), ('g', g), ('beta', beta), ('lamb', lamb)):
+        if x.device != device:
+            _fail(name, f"a tensor on {device} like q", x.device)
     if T > 0 and check_values:
         if not bool((lamb > 0).all()):
             _fail('lamb', "every entry > 0 (H + diag(lamb) must be positive definite)",
@@ -117,8 +121,4 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
         _fail('cg_tol', "None or a float in (0, 1), the relative residual ||r_k|| / ||r_0|| to stop at", cg_tol)
     if cg_init not in CG_INITS:
         _fail('cg_init', f"one of {CG_INITS}", repr(cg_init))
-    device = q.get_device()  # an int (-1 on the CPU): cheaper to compare than torch.device objects
-    for name, x in (('k', k), ('v', v), ('g', g), ('beta', beta), ('lamb', lamb)):
-        if x.get_device() != device:
-            _fail(name, f"a tensor on {q.device} like q", x.device)
     return B, T, H, K, V, N

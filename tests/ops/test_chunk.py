@@ -216,6 +216,7 @@ def _bad(**override):
     (dict(beta=torch.zeros(2, 8, dtype=torch.float64)), '`beta`: expected shape'),
     (dict(lamb=torch.ones(2, 5, dtype=torch.float64)), r'`lamb`: expected shape \[H, K\]'),
     (dict(lamb=torch.zeros(2, 4, dtype=torch.float64)), '`lamb`: expected every entry > 0'),
+    (dict(lamb=torch.ones(2, 4, dtype=torch.float64, device='meta')), '`lamb`: expected a tensor on cpu like q'),
     (dict(q=torch.zeros(2, 8, 2, 4, dtype=torch.int64)), '`q`: expected one of'),
     (dict(k=torch.zeros(2, 8, 2, 4, dtype=torch.float32)), '`k/v`: expected the dtype of q'),
     (dict(cu_seqlens=torch.tensor([0, 4, 8])), '`cu_seqlens`: expected batch size 1'),
