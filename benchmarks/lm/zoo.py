@@ -83,7 +83,7 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
         cfg = MesaConfig(num_heads=heads, head_dim=head_dim, cg_steps=cg_steps, decode_cg_steps=cg_steps,
                          **common_kw, **mesa_overrides)
         model = MesaForCausalLM(cfg)
-        info.update(heads=heads, head_dim=head_dim, cg_steps=cg_steps)
+        info.update(heads=heads, head_dim=head_dim, cg_steps=cg_steps, **mesa_overrides)
     elif name == 'mesanet':
         from fla.models import MesaNetConfig, MesaNetForCausalLM
         cfg = MesaNetConfig(num_heads=heads, head_dim=head_dim, max_cg_step_training=cg_steps,

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument('--lrs', help="comma list of peak learning rates (best test accuracy is reported)")
     p.add_argument('--head-dim', type=int, default=None, help="head dim (default 64, or the width if smaller)")
     p.add_argument('--layers', type=int, default=2)
+    p.add_argument('--mesa-mamba-gate', action='store_true',
+                   help="Mesa with the Mamba-style forget gate (use_mamba_gate=True: long memory at initialisation)")
     p.add_argument('--budget-s', type=float, help="stop each cell's training after this many seconds and score it "
                    "(the lr schedule still spans --steps); the steps done are recorded")
     p.add_argument('--device', default='auto')
@@ -80,6 +82,7 @@ def resolve(args) -> dict:
     cfg['seq_lens'] = [int(x) for x in str(cfg['seq_lens']).split(',')]
     cfg['lrs'] = [float(x) for x in str(cfg['lrs']).split(',')]
     cfg['layers'] = args.layers
+    cfg['mesa_mamba_gate'] = args.mesa_mamba_gate
     return cfg
 
 
@@ -107,8 +110,9 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     use_ac = not args.no_autocast
     head_dim = args.head_dim or min(64, width)
     torch.manual_seed(args.seed)
+    mesa_options = {'use_mamba_gate': True} if name == 'mesa' and cfg.get('mesa_mamba_gate') else {}
     model, info = zoo.build_model(name, width, cfg['layers'], cfg['vocab_size'], device, head_dim=head_dim,
-                                  cg_steps=cfg['cg_steps'], max_len=seq_len)
+                                  cg_steps=cfg['cg_steps'], max_len=seq_len, **mesa_options)
     opt = common.make_optimizer(model, lr, fused=device.type == 'cuda')
     gen = torch.Generator().manual_seed(args.seed)
     n = train.inputs.shape[0]
@@ -143,9 +147,9 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
-    res = {'model': name, 'width': width, 'seq_len': seq_len, 'lr': lr, 'acc': acc, 'final_loss': last,
+    res = {'model': name + ('+mamba_gate' if mesa_options else ''), 'width': width, 'seq_len': seq_len, 'lr': lr, 'acc': acc, 'final_loss': last,
            'steps_done': done, 'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True, 'loss_curve': curve}
-    print(f"  {name:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
+    print(f"  {res['model']:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
           f"loss {last:.4f}  {done} steps  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params  loss curve "
           f"{' '.join(f'{s}:{l:.2f}' for s, l in curve[::4] + curve[-1:])}", flush=True)
     del model, opt

@@ -246,6 +246,11 @@ def test_train_mqar_smoke():
                    '--no-progress'])
     (r,) = out['results']
     assert r['ok'] and r['steps_done'] == 1 and r['loss_curve'] == [(1, round(r['final_loss'], 5))]
+    # Mesa with the Mamba-style forget gate is its own row
+    out = tm.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '1', '--mesa-mamba-gate',
+                   '--no-progress'])
+    (r,) = out['results']
+    assert r['ok'] and r['model'] == 'mesa+mamba_gate' and r['info']['use_mamba_gate'] and '| mesa+mamba_gate |' in tm.best_table([r], out['config'])
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
