@@ -53,6 +53,8 @@ def parse_args(argv=None):
                       ('batch-size', int), ('lr', float), ('cg-steps', int), ('eval-every', int),
                       ('val-windows', int), ('compile-steps', int)):
         p.add_argument(f'--{name}', type=typ)
+    p.add_argument('--mesa-mamba-gate', action='store_true',
+                   help="Mesa with the Mamba-style forget gate (use_mamba_gate=True), as row 'mesa+mamba_gate'")
     p.add_argument('--tt-steps', default='0,1,2,5,10,30', help="CG steps for Mesa's test-time-compute curve")
     p.add_argument('--tt-tol', type=float, default=1e-4, help="CG tolerance point of the curve (at most 30 steps)")
     p.add_argument('--tt-max', type=int, default=30)
@@ -69,7 +71,7 @@ def parse_args(argv=None):
 
 def resolve(args) -> dict:
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
-    return common.with_overrides(dict(PRESETS[preset], preset=preset), args)
+    return dict(common.with_overrides(dict(PRESETS[preset], preset=preset), args), mesa_mamba_gate=args.mesa_mamba_gate)
 
 
 def interp(curve: list[dict], t: float) -> float | None:
@@ -86,10 +88,12 @@ def interp(curve: list[dict], t: float) -> float | None:
 def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Tensor, device) -> dict:
     use_ac = not args.no_autocast
     torch.manual_seed(args.seed)
+    options = {'use_mamba_gate': True} if name == 'mesa' and cfg.get('mesa_mamba_gate') else {}
     model, info = zoo.build_model(name, cfg['hidden_size'], cfg['layers'], corpus.VOCAB_SIZE, device,
                                   head_dim=cfg['head_dim'], cg_steps=cfg['cg_steps'], max_len=cfg['seq_len'],
-                                  bos=corpus.BOS, eos=corpus.EOS)
-    print(f"\n=== {name}: {info}")
+                                  bos=corpus.BOS, eos=corpus.EOS, **options)
+    label = name + ('+mamba_gate' if options else '')
+    print(f"\n=== {label}: {info}")
     fused_opt = device.type == 'cuda'
 
     # untimed steps that compile/autotune the kernels; the weights are restored afterwards
@@ -134,10 +138,10 @@ def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Te
     peak = common.peak_memory_mb(device)
     final = common.evaluate(model, val, device, use_autocast=use_ac)
     tokens = cfg['steps'] * cfg['batch_size'] * cfg['seq_len']
-    res = {'name': name, 'info': info, 'ok': True, 'val_loss': final['loss'], 'bpb': final['bpb'],
+    res = {'name': label, 'info': info, 'ok': True, 'val_loss': final['loss'], 'bpb': final['bpb'],
            'val_start': ev0['loss'], 'train_time': train_time, 'tokens_per_s': tokens / max(train_time, 1e-9),
            'peak_memory_mb': peak, 'curve': curve, 'train_losses': train_losses}
-    print(f"  {name}: val loss {ev0['loss']:.4f} -> {final['loss']:.4f} ({final['bpb']:.3f} bpb), "
+    print(f"  {label}: val loss {ev0['loss']:.4f} -> {final['loss']:.4f} ({final['bpb']:.3f} bpb), "
           f"train {train_time:.1f}s, {res['tokens_per_s']:,.0f} tok/s, peak mem {peak and round(peak)} MB")
 
     if name == 'mesa':
@@ -179,7 +183,7 @@ def tables(results: list[dict], cfg: dict) -> str:
             continue
         at_eq = interp(r['curve'], t_eq)
         note = r['info'].get('attention', '')
-        if r['name'] == 'mesa':
+        if 'cg_stats' in r:
             note = f"mean CG iters @ tol {r['cg_stats']['cg_tol']:g}: {r['mean_cg_iters']:.2f}"
         mem = '' if r['peak_memory_mb'] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"| {r['name']} | {r['info']['params'] / 1e6:.2f}M | {r['val_loss']:.4f} | {r['bpb']:.3f} | "

@@ -232,6 +232,13 @@ def test_compare_smoke(tmp_path):
     assert len(merged['results']) == 2
     with pytest.raises(SystemExit):
         compare.main(['--models', 'gla', '--tiny', '--device', 'cpu'])
+    # Mesa with the Mamba-style forget gate: its own row, with its CG note and test-time curve
+    out = compare.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '1', '--no-progress',
+                        '--tt-steps', '0', '--mesa-mamba-gate'])
+    (r,) = out['results']
+    assert r['ok'] and r['name'] == 'mesa+mamba_gate' and r['info']['use_mamba_gate']
+    table = compare.tables(out['results'], out['config'])
+    assert '| mesa+mamba_gate |' in table and 'mean CG iters' in table and '| tol 0.0001 |' in table
 
 
 def test_train_mqar_smoke():
