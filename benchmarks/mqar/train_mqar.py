@@ -147,8 +147,9 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
-    res = {'model': name + ('+mamba_gate' if mesa_options else ''), 'width': width, 'seq_len': seq_len, 'lr': lr, 'acc': acc, 'final_loss': last,
-           'steps_done': done, 'train_s': train_s, 'params': info['params'], 'info': info, 'ok': True, 'loss_curve': curve}
+    res = {'model': name + ('+mamba_gate' if mesa_options else ''), 'width': width, 'seq_len': seq_len, 'lr': lr,
+           'acc': acc, 'final_loss': last, 'steps_done': done, 'train_s': train_s, 'params': info['params'],
+           'info': info, 'ok': True, 'loss_curve': curve}
     print(f"  {res['model']:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
           f"loss {last:.4f}  {done} steps  {train_s:.1f}s  {info['params'] / 1e6:.2f}M params  loss curve "
           f"{' '.join(f'{s}:{l:.2f}' for s, l in curve[::4] + curve[-1:])}", flush=True)
