@@ -55,6 +55,8 @@ def parse_args(argv=None):
         p.add_argument(f'--{name}', type=typ)
     p.add_argument('--mesa-mamba-gate', action='store_true',
                    help="Mesa with the Mamba-style forget gate (use_mamba_gate=True), as row 'mesa+mamba_gate'")
+    p.add_argument('--mesa-gate-bias', type=float,
+                   help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; default 0)")
     p.add_argument('--tt-steps', default='0,1,2,5,10,30', help="CG steps for Mesa's test-time-compute curve")
     p.add_argument('--tt-tol', type=float, default=1e-4, help="CG tolerance point of the curve (at most 30 steps)")
     p.add_argument('--tt-max', type=int, default=30)
@@ -71,7 +73,8 @@ def parse_args(argv=None):
 
 def resolve(args) -> dict:
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
-    return dict(common.with_overrides(dict(PRESETS[preset], preset=preset), args), mesa_mamba_gate=args.mesa_mamba_gate)
+    return dict(common.with_overrides(dict(PRESETS[preset], preset=preset), args), mesa_mamba_gate=args.mesa_mamba_gate,
+                mesa_gate_bias=args.mesa_gate_bias)
 
 
 def interp(curve: list[dict], t: float) -> float | None:
@@ -88,11 +91,10 @@ def interp(curve: list[dict], t: float) -> float | None:
 def train_one(name: str, cfg: dict, args, data: corpus.ByteCorpus, val: torch.Tensor, device) -> dict:
     use_ac = not args.no_autocast
     torch.manual_seed(args.seed)
-    options = {'use_mamba_gate': True} if name == 'mesa' and cfg.get('mesa_mamba_gate') else {}
+    options, label = zoo.mesa_variant(name, cfg)
     model, info = zoo.build_model(name, cfg['hidden_size'], cfg['layers'], corpus.VOCAB_SIZE, device,
                                   head_dim=cfg['head_dim'], cg_steps=cfg['cg_steps'], max_len=cfg['seq_len'],
                                   bos=corpus.BOS, eos=corpus.EOS, **options)
-    label = name + ('+mamba_gate' if options else '')
     print(f"\n=== {label}: {info}")
     fused_opt = device.type == 'cuda'
 

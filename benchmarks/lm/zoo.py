@@ -65,8 +65,12 @@ def ensure_softmax_attention() -> str:
 
 def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, device: torch.device,
                 head_dim: int = 128, cg_steps: int = 30, max_len: int = 2048, bos: int | None = None,
-                eos: int | None = None, tie_word_embeddings: bool = True, **mesa_overrides):
-    """Returns `(model, info)`; `info` holds the config summary (and the attention backend for 'transformer')."""
+                eos: int | None = None, tie_word_embeddings: bool = True, mesa_gate_bias: float | None = None,
+                **mesa_overrides):
+    """Returns `(model, info)`; `info` holds the config summary (and the attention backend for 'transformer').
+
+    `mesa_overrides` go to `MesaConfig`; `mesa_gate_bias` sets the bias of Mesa's sigmoid forget gate after
+    initialisation (gamma = sigmoid(bias) at the start; fla's initialisation gives 0, gamma = 0.5)."""
     fused = device.type == 'cuda'
     if name in GPU_ONLY and not fused:
         raise RuntimeError(f"model '{name}' uses fla's Triton kernels and needs CUDA; on CPU only 'mesa' runs")
@@ -83,6 +87,14 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
         cfg = MesaConfig(num_heads=heads, head_dim=head_dim, cg_steps=cg_steps, decode_cg_steps=cg_steps,
                          **common_kw, **mesa_overrides)
         model = MesaForCausalLM(cfg)
+        if mesa_gate_bias is not None:
+            if cfg.use_mamba_gate:
+                raise ValueError("mesa_gate_bias is for the sigmoid forget gate, not use_mamba_gate")
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    if hasattr(layer.attn, 'a_proj'):  # Mesa layers (not the hybrid softmax ones)
+                        layer.attn.a_proj.bias.fill_(mesa_gate_bias)
+            info['gate_bias'] = mesa_gate_bias
         info.update(heads=heads, head_dim=head_dim, cg_steps=cg_steps, **mesa_overrides)
     elif name == 'mesanet':
         from fla.models import MesaNetConfig, MesaNetForCausalLM
@@ -112,6 +124,21 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
     model = model.to(device)
     info['params'] = sum(p.numel() for p in model.parameters())
     return model, info
+
+
+def mesa_variant(name: str, cfg: dict) -> tuple[dict, str]:
+    """`build_model` options and the row label for `cfg`'s Mesa gate options (`mesa_mamba_gate`, `mesa_gate_bias`);
+    other models get none."""
+    if name != 'mesa':
+        return {}, name
+    options, label = {}, name
+    if cfg.get('mesa_mamba_gate'):
+        options['use_mamba_gate'] = True
+        label += '+mamba_gate'
+    if cfg.get('mesa_gate_bias') is not None:
+        options['mesa_gate_bias'] = cfg['mesa_gate_bias']
+        label += f"+gate_bias{cfg['mesa_gate_bias']:g}"
+    return options, label
 
 
 def parse_models(spec: str) -> list[str]:

@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument('--layers', type=int, default=2)
     p.add_argument('--mesa-mamba-gate', action='store_true',
                    help="Mesa with the Mamba-style forget gate (use_mamba_gate=True: long memory at initialisation)")
+    p.add_argument('--mesa-gate-bias', type=float,
+                   help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; default 0)")
     p.add_argument('--budget-s', type=float, help="stop each cell's training after this many seconds and score it "
                    "(the lr schedule still spans --steps); the steps done are recorded")
     p.add_argument('--device', default='auto')
@@ -83,6 +85,7 @@ def resolve(args) -> dict:
     cfg['lrs'] = [float(x) for x in str(cfg['lrs']).split(',')]
     cfg['layers'] = args.layers
     cfg['mesa_mamba_gate'] = args.mesa_mamba_gate
+    cfg['mesa_gate_bias'] = args.mesa_gate_bias
     return cfg
 
 
@@ -110,7 +113,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     use_ac = not args.no_autocast
     head_dim = args.head_dim or min(64, width)
     torch.manual_seed(args.seed)
-    mesa_options = {'use_mamba_gate': True} if name == 'mesa' and cfg.get('mesa_mamba_gate') else {}
+    mesa_options, label = zoo.mesa_variant(name, cfg)
     model, info = zoo.build_model(name, width, cfg['layers'], cfg['vocab_size'], device, head_dim=head_dim,
                                   cg_steps=cfg['cg_steps'], max_len=seq_len, **mesa_options)
     opt = common.make_optimizer(model, lr, fused=device.type == 'cuda')
@@ -147,7 +150,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
-    res = {'model': name + ('+mamba_gate' if mesa_options else ''), 'width': width, 'seq_len': seq_len, 'lr': lr,
+    res = {'model': label, 'width': width, 'seq_len': seq_len, 'lr': lr,
            'acc': acc, 'final_loss': last, 'steps_done': done, 'train_s': train_s, 'params': info['params'],
            'info': info, 'ok': True, 'loss_curve': curve}
     print(f"  {res['model']:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "

@@ -258,6 +258,10 @@ def test_train_mqar_smoke():
                    '--no-progress'])
     (r,) = out['results']
     assert r['ok'] and r['model'] == 'mesa+mamba_gate' and r['info']['use_mamba_gate'] and '| mesa+mamba_gate |' in tm.best_table([r], out['config'])
+    out = tm.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '1', '--mesa-gate-bias', '3',
+                   '--no-progress'])
+    (r,) = out['results']
+    assert r['ok'] and r['model'] == 'mesa+gate_bias3' and r['info']['gate_bias'] == 3.0
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
@@ -266,6 +270,21 @@ def test_train_fsdp_single_process_check(monkeypatch, optimizer):
         monkeypatch.delenv(k, raising=False)
     tf = load(os.path.join(ROOT, 'benchmarks', 'distributed', 'train_fsdp.py'), 'dist_train_fsdp')
     assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2', '--optimizer', optimizer]) == 0
+
+
+def test_zoo_mesa_gate_variants():
+    zoo = load(os.path.join(LM, 'zoo.py'), 'lm_zoo')
+    cpu = torch.device('cpu')
+    model, info = zoo.build_model('mesa', 64, 2, 32, cpu, head_dim=32, mesa_gate_bias=2.5)
+    biases = [layer.attn.a_proj.bias for layer in model.model.layers]
+    assert info['gate_bias'] == 2.5 and len(biases) == 2 and all(bool((b == 2.5).all()) for b in biases)
+    _, info = zoo.build_model('mesa', 64, 1, 32, cpu, head_dim=32)
+    assert 'gate_bias' not in info and 'use_mamba_gate' not in info
+    with pytest.raises(ValueError, match='mesa_gate_bias'):
+        zoo.build_model('mesa', 64, 1, 32, cpu, head_dim=32, mesa_gate_bias=1.0, use_mamba_gate=True)
+    assert zoo.mesa_variant('mesa', {'mesa_mamba_gate': True}) == ({'use_mamba_gate': True}, 'mesa+mamba_gate')
+    assert zoo.mesa_variant('mesa', {'mesa_gate_bias': 3.0}) == ({'mesa_gate_bias': 3.0}, 'mesa+gate_bias3')
+    assert zoo.mesa_variant('gla', {'mesa_mamba_gate': True, 'mesa_gate_bias': 3.0}) == ({}, 'gla')
 
 
 def test_sdpa_stand_in_for_flash_attn_is_causal_attention():
