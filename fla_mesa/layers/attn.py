@@ -90,7 +90,7 @@ class Attention(nn.Module):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"`attention_mask`: expected a 0/1 padding mask [batch, seq_len], got shape "
                              f"{tuple(attention_mask.shape)}")
-        B, T, _ = hidden_states.shape
+        T = hidden_states.shape[1]
         cu_seqlens = kwargs.get('cu_seqlens')
         q = self.q_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
         k = self.k_proj(hidden_states).unflatten(-1, (-1, self.head_dim))
