@@ -53,10 +53,7 @@ def parse_args(argv=None):
                       ('batch-size', int), ('lr', float), ('cg-steps', int), ('eval-every', int),
                       ('val-windows', int), ('compile-steps', int)):
         p.add_argument(f'--{name}', type=typ)
-    p.add_argument('--mesa-mamba-gate', action='store_true',
-                   help="Mesa with the Mamba-style forget gate (use_mamba_gate=True), as row 'mesa+mamba_gate'")
-    p.add_argument('--mesa-gate-bias', type=float,
-                   help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; default 0)")
+    zoo.add_mesa_gate_args(p)
     p.add_argument('--tt-steps', default='0,1,2,5,10,30', help="CG steps for Mesa's test-time-compute curve")
     p.add_argument('--tt-tol', type=float, default=1e-4, help="CG tolerance point of the curve (at most 30 steps)")
     p.add_argument('--tt-max', type=int, default=30)
@@ -73,8 +70,7 @@ def parse_args(argv=None):
 
 def resolve(args) -> dict:
     preset = 'tiny' if args.tiny else 'quick' if args.quick else 'full'
-    return dict(common.with_overrides(dict(PRESETS[preset], preset=preset), args), mesa_mamba_gate=args.mesa_mamba_gate,
-                mesa_gate_bias=args.mesa_gate_bias)
+    return dict(common.with_overrides(dict(PRESETS[preset], preset=preset), args), **zoo.mesa_gate_config(args))
 
 
 def interp(curve: list[dict], t: float) -> float | None:

@@ -126,6 +126,20 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
     return model, info
 
 
+def add_mesa_gate_args(parser) -> None:
+    """The Mesa forget-gate options of the comparison scripts; `mesa_gate_config(args)` puts them in their config."""
+    parser.add_argument('--mesa-mamba-gate', action='store_true',
+                        help="Mesa with the Mamba-style forget gate (use_mamba_gate=True: long memory at the start), "
+                             "as row 'mesa+mamba_gate'")
+    parser.add_argument('--mesa-gate-bias', type=float,
+                        help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; "
+                             "default 0), as row 'mesa+gate_biasB'")
+
+
+def mesa_gate_config(args) -> dict:
+    return {'mesa_mamba_gate': args.mesa_mamba_gate, 'mesa_gate_bias': args.mesa_gate_bias}
+
+
 def mesa_variant(name: str, cfg: dict) -> tuple[dict, str]:
     """`build_model` options and the row label for `cfg`'s Mesa gate options (`mesa_mamba_gate`, `mesa_gate_bias`);
     other models get none."""

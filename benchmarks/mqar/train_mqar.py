@@ -60,10 +60,7 @@ def parse_args(argv=None):
     p.add_argument('--lrs', help="comma list of peak learning rates (best test accuracy is reported)")
     p.add_argument('--head-dim', type=int, default=None, help="head dim (default 64, or the width if smaller)")
     p.add_argument('--layers', type=int, default=2)
-    p.add_argument('--mesa-mamba-gate', action='store_true',
-                   help="Mesa with the Mamba-style forget gate (use_mamba_gate=True: long memory at initialisation)")
-    p.add_argument('--mesa-gate-bias', type=float,
-                   help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; default 0)")
+    zoo.add_mesa_gate_args(p)
     p.add_argument('--budget-s', type=float, help="stop each cell's training after this many seconds and score it "
                    "(the lr schedule still spans --steps); the steps done are recorded")
     p.add_argument('--device', default='auto')
@@ -84,8 +81,7 @@ def resolve(args) -> dict:
     cfg['seq_lens'] = [int(x) for x in str(cfg['seq_lens']).split(',')]
     cfg['lrs'] = [float(x) for x in str(cfg['lrs']).split(',')]
     cfg['layers'] = args.layers
-    cfg['mesa_mamba_gate'] = args.mesa_mamba_gate
-    cfg['mesa_gate_bias'] = args.mesa_gate_bias
+    cfg.update(zoo.mesa_gate_config(args))
     return cfg
 
 
