@@ -7,7 +7,11 @@ then the merged table and plot (`train_mqar.py --merge`).
 Everything after `--` goes to every `train_mqar.py` process (its presets and options). Tiny models do not fill a
 GPU, so all cells run at once: `--gpus` lists one slot per share, and a GPU named twice takes twice the share of the
 cells (the cells are placed longest first on the least loaded slot, by an estimate of their cost). With
-`--budget-s` each process stops training after that many seconds of its own wall time and records its steps.
+`--budget-s` each process stops training that many seconds after its first step and records its steps.
+
+First, one short run per row (`--warmup-steps`, smallest cell, one per slot at a time) compiles the kernels and
+fills fla's autotuning cache (kept in TRITON_CACHE_DIR): the grid's processes then start from it. Without it,
+dozens of processes autotuning fla's kernels at once on a shared GPU took 400 s for a first step (RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument('--gpus', help="comma list of CUDA device slots (default: one per visible GPU)")
     p.add_argument('--device', default='cuda')
     p.add_argument('--jobs', type=int, default=2, help="processes at once with --device cpu")
+    p.add_argument('--warmup-steps', type=int, default=2, help="steps of the warm-up run of each row (0: none)")
     p.add_argument('--out-dir', default='mqar_grid')
     p.add_argument('--png')
     p.add_argument('rest', nargs=argparse.REMAINDER, help="-- then train_mqar.py options")
@@ -74,6 +79,35 @@ def jobs(args) -> list[dict]:
     return out
 
 
+def warmups(args) -> list[dict]:
+    """One short run per row at the smallest cell: compiles and autotunes that row's kernels."""
+    d, L = min(int(x) for x in args.widths.split(',')), min(int(x) for x in args.seq_lens.split(','))
+    return [{'name': f"_warmup_{label.replace('+', '_')}", 'cost': 1,
+             'cmd': [sys.executable, TRAIN, *opts, '--widths', str(d), '--seq-lens', str(L), '--no-progress', *args.rest,
+                     '--steps', str(args.warmup_steps), '--train-examples', '256', '--test-examples', '16',
+                     '--budget-s', '0']}
+            for label, opts in rows(args)]
+
+
+def run_all(todo: list[dict], width: int, args) -> list[dict]:
+    """Runs `todo`, at most `width` processes at once; returns the jobs that failed."""
+    t0 = time.perf_counter()
+    running, pending, failed = [], list(todo), []
+    while pending or running:
+        while pending and len(running) < width:
+            job = pending.pop(0)
+            running.append((job, launch(job, args)))
+        time.sleep(1.0)
+        for job, proc in list(running):
+            if proc.poll() is not None:
+                running.remove((job, proc))
+                if proc.returncode != 0:
+                    failed.append(job)
+                print(f"[{time.perf_counter() - t0:6.0f}s] {job['name']} {'done' if proc.returncode == 0 else 'FAILED'}"
+                      f"{' on GPU ' + job['gpu'] if 'gpu' in job else ''}", flush=True)
+    return failed
+
+
 def place(todo: list[dict], slots: list[str]) -> None:
     """Longest cell first onto the least loaded slot."""
     load = [0.0] * len(slots)
@@ -95,31 +129,23 @@ def launch(job: dict, args) -> subprocess.Popen:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    todo = jobs(args)
+    todo, warm = jobs(args), warmups(args) if args.warmup_steps > 0 else []
     if args.device == 'cuda':
         import torch
         n = torch.cuda.device_count()
         if n == 0:
             raise SystemExit("--device cuda: no GPU is visible (use --device cpu)")
         slots = args.gpus.split(',') if args.gpus else [str(i) for i in range(n)]
+        distinct = list(dict.fromkeys(slots))
+        for i, job in enumerate(warm):
+            job['gpu'] = distinct[i % len(distinct)]
         place(todo, slots)
-        width = len(todo)
+        warm_width, width = len(distinct), len(todo)
     else:
-        width = args.jobs
-    t0 = time.perf_counter()
-    running, pending, failed = [], list(todo), []
-    while pending or running:
-        while pending and len(running) < width:
-            job = pending.pop(0)
-            running.append((job, launch(job, args)))
-        time.sleep(1.0)
-        for job, proc in list(running):
-            if proc.poll() is not None:
-                running.remove((job, proc))
-                if proc.returncode != 0:
-                    failed.append(job)
-                print(f"[{time.perf_counter() - t0:6.0f}s] {job['name']} {'done' if proc.returncode == 0 else 'FAILED'}"
-                      f"{' on GPU ' + job['gpu'] if 'gpu' in job else ''}", flush=True)
+        warm_width = width = args.jobs
+    if warm and run_all(warm, warm_width, args):
+        raise SystemExit(f"a warm-up run failed: see {args.out_dir}/_warmup_*.log")
+    failed = run_all(todo, width, args)
     outs = [os.path.join(args.out_dir, j['name'] + '.json') for j in todo]
     done = [p for p in outs if os.path.exists(p)]
     missing = [j for j, p in zip(todo, outs) if not os.path.exists(p)]

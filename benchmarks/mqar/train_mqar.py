@@ -13,7 +13,8 @@ Data: `mqar.py` (Zoology-style; `--kv-ratio` sets num_kv_pairs = seq_len / kv_ra
 cosine decay), and scored on a held-out test set (different seed): accuracy = fraction of query positions whose
 argmax prediction is the bound value. The table shows the best accuracy over the learning rates (as Zoology).
 Models: see `benchmarks/lm/zoo.py` (heads of dim `--head-dim`, default 64, so width 64 has one head).
-The full grid takes longer than 10 minutes: split it with --models / --widths / --seq-lens and --out, then --merge.
+The full grid takes longer than 10 minutes: split it with --models / --widths / --seq-lens and --out, then --merge,
+or run its cells in parallel over the GPUs with `grid.py`.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def parse_args(argv=None):
     p.add_argument('--head-dim', type=int, default=None, help="head dim (default 64, or the width if smaller)")
     p.add_argument('--layers', type=int, default=2)
     zoo.add_mesa_gate_args(p)
-    p.add_argument('--budget-s', type=float, help="stop each cell's training after this many seconds and score it "
-                   "(the lr schedule still spans --steps); the steps done are recorded")
+    p.add_argument('--budget-s', type=float, help="stop each cell's training this many seconds after its first step "
+                   "(which compiles and autotunes the kernels) and score it (the lr schedule still spans --steps); "
+                   "the steps done are recorded")
     p.add_argument('--device', default='auto')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--threads', type=int)
@@ -137,6 +139,8 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
         if not math.isfinite(last):
             raise RuntimeError(f"non-finite loss {last} at step {step}")
         done = step + 1
+        if step == 0:
+            t_wall = time.perf_counter()
         out_of_time = args.budget_s is not None and time.perf_counter() - t_wall > args.budget_s
         if step % every == 0 or done == cfg['steps'] or out_of_time:
             curve.append((done, round(last, 5)))
