@@ -42,10 +42,13 @@ def launch(mod, args, steps, BR=None, num_warps=None):
     BR = BR or min(64, 4096 // BK)
     x = torch.empty(B, T, H, K, dtype=torch.float32, device='cuda')
     iters = torch.empty(B, T, H, dtype=torch.int32, device='cuda')
+    # kernels since the fused output pass take (v, h_kv, o) and V, BV, OUTPUT: off here (the solve alone)
+    fused = 'OUTPUT' in mod.chunk_cg_kernel.arg_names
+    out_args, out_opts = ((None,) * 3, dict(V=1, BV=16, OUTPUT=False)) if fused else ((), {})
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
-        q, k, beta, gc, h_kk, lamb, x, iters, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64, BR=BR,
-        BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, num_warps=num_warps or (8 if BK >= 128 else 4),
-        num_stages=1)
+        q, k, beta, gc, h_kk, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64,
+        BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,
+        num_warps=num_warps or (8 if BK >= 128 else 4), num_stages=1)
     return iters
 
 

@@ -32,6 +32,9 @@ def chunk_cg_kernel(
     lamb,
     x,
     iters,
+    v,
+    h_kv,
+    o,
     cu_seqlens,
     chunk_indices,
     tol_sq,
@@ -39,11 +42,14 @@ def chunk_cg_kernel(
     T,
     H: tl.constexpr,
     K: tl.constexpr,
+    V: tl.constexpr,
     BT: tl.constexpr,
     BR: tl.constexpr,
     BK: tl.constexpr,
+    BV: tl.constexpr,
     JACOBI: tl.constexpr,
     STORE_ITERS: tl.constexpr,
+    OUTPUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     # one program: BR rows (tokens) of one chunk of BT, one head; the keys are the chunk's first BT rows
@@ -118,10 +124,24 @@ def chunk_cg_kernel(
         b_rs = tl.where(b_active, b_rs_new, b_rs)
         i += 1
         todo = tl.max(b_rs - b_thresh, 0) > 0
+    if steps == 0:
+        b_x = b_b
 
     tl.store(x + p_tk, b_x, mask=m_tk)
     if STORE_ITERS:
         tl.store(iters + row, b_cnt, mask=m_t)
+    if OUTPUT:
+        # o_t = exp2(g_t) x_t S_c + sum_{s <= t} (x_t . k_s) exp2(g_t - g_s) beta_s v_s, with the chunk-start
+        # state S_c = h_kv [K, V]: the GLA output pass, while x and the chunk's keys are still on chip
+        b_sx = tl.dot(b_x, tl.trans(b_k)) * b_decay
+        p_hv = h_kv + (i_tg * H + i_h).to(tl.int64) * K * V
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_v = tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
+            b_hv = tl.load(p_hv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+            b_o = b_eg[:, None] * tl.dot(b_x, b_hv) + tl.dot(b_sx, b_v.to(tl.float32))
+            tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
 def chunk_cg_solve(
@@ -138,43 +158,58 @@ def chunk_cg_solve(
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk.
+    v: torch.Tensor | None = None,
+    h_kv: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk; with `v` and `h_kv`, also
+    the output o_t = G_t x_t from the same kernel.
 
     Args:
         b: right-hand sides `[B, T, H, K]`, any float dtype. k: keys `[B, T, H, K]`. beta: `[B, T, H]`.
         gc: chunk-local cumulative log2 gate `[B, T, H]` (float32, from `chunk_local_cumsum(..., scale=RCP_LN2)`).
-        h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`.
+        h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`. `cg_steps=0` gives x = b.
+        v: values `[B, T, H, V]`; h_kv: chunk-start states `[B, NT, H, K, V]` float32 of sum beta k v^T (K <= 128).
     Returns:
-        x `[B, T, H, K]` float32, and the iterations each token ran (int32 `[B, T, H]`) if `return_iters`.
+        x `[B, T, H, K]` float32, the iterations each token ran (int32 `[B, T, H]`) if `return_iters`, and
+        o `[B, T, H, V]` in v's dtype if `v` is given.
     """
     B, T, H, K = b.shape
     if K > MAX_KERNEL_K:
+        if v is not None:
+            raise ValueError(f"chunk_cg_solve: the fused output needs K <= {MAX_KERNEL_K}, got K={K}")
+        if cg_steps == 0:
+            iters = torch.zeros(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
+            return b.float(), iters, None
         return _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens,
-                                 chunk_size)
+                                 chunk_size) + (None,)
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
+    V = 1 if v is None else v.shape[-1]
+    o = None if v is None else torch.empty_like(v)
     BK = max(16, triton.next_power_of_2(K))
     # rows per program: keeps the float32 CG vectors of a program at <= 4096 entries each, in registers
     BR = min(chunk_size, 4096 // BK)
     chunk_cg_kernel[(NT * (chunk_size // BR), B * H)](
-        b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, cu_seqlens, chunk_indices,
+        b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, v, h_kv, o, cu_seqlens, chunk_indices,
         tol_sq=cg_threshold(cg_tol, torch.float32),
         steps=cg_steps,
         T=T,
         H=H,
         K=K,
+        V=V,
         BT=chunk_size,
         BR=BR,
         BK=BK,
+        BV=min(64, max(16, triton.next_power_of_2(V))),
         JACOBI=cg_init == 'jacobi',
         STORE_ITERS=return_iters,
+        OUTPUT=v is not None,
         IS_VARLEN=cu_seqlens is not None,
         num_warps=8 if BK >= 128 else 4,
         num_stages=1,
     )
-    return x, iters
+    return x, iters, o
 
 
 def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size):

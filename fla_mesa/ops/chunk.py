@@ -1,18 +1,19 @@
 """Chunked Mesa: forward by CG over chunk states, backward by implicit differentiation.
 
-Forward (per head): chunk-start states of H (float32) and of S = G^T from `chunk_fwd_h`; x = (H_t +
-diag(lamb))^{-1} q_t for all t by `chunk_cg_solve`; o = the GLA output pass with query x, key k, value
-beta * v. Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t +
+Forward (per head): chunk-start states of H and of S = G^T (float32, `chunk_states_fwd`); x = (H_t +
+diag(lamb))^{-1} q_t for all t by `chunk_cg_solve`, which also takes o = the GLA output pass with query x, key k,
+value beta * v while x is on chip. Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t +
 diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
 gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
 through the CG iterations: the gradients are those of the exact solve.
-On CUDA the GLA passes are fla's Triton primitives; elsewhere they are `torch_chunk`'s PyTorch twins.
+On CUDA the backward's GLA passes are fla's Triton primitives; elsewhere every pass is `torch_chunk`'s PyTorch twin.
 """
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
+from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
+from fla_mesa.ops.states import chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
 from fla_mesa.ops.utils import check_inputs, l2norm
@@ -78,37 +79,31 @@ def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_s
 
 def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, output_final_state,
               cu_seqlens, chunk_indices, chunk_size):
-    from fla.ops.common.chunk_h import chunk_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
 
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    # float32 operands (tf32 products, unit roundoff 2^-11) rather than rounding beta * k, beta * v, the
-    # states and x to a half dtype (2^-9 for bf16) at every product: each such rounding adds about the
-    # output's own rounding error
-    kf = k.float()
-    beta_f = beta[..., None].float()
-    h_kk, ht_kk = chunk_fwd_h(k=kf, v=kf * beta_f, g=gc, h0=h0_kk, output_final_state=output_final_state,
-                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
-    if cg_steps == 0:
-        x = q.float()
-        iters = torch.zeros(q.shape[:3], dtype=torch.int32, device=q.device) if return_iters else None
-    else:
-        x, iters = chunk_cg_solve(q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters,
-                                  cu_seqlens, chunk_indices, chunk_size)
-    del h_kk
-    vb = v.float() * beta_f
-    h_kv, ht_kv = chunk_fwd_h(k=kf, v=vb, g=gc, h0=h0_kv, output_final_state=output_final_state,
-                              cu_seqlens=cu_seqlens, chunk_size=chunk_size, states_in_fp32=True)
-    o = chunk_fwd_o(q=x, k=kf, v=vb, h=h_kv, g=gc, scale=1.0, cu_seqlens=cu_seqlens,
-                    chunk_size=chunk_size, chunk_indices=chunk_indices)
+    # float32 states and products (tf32, unit roundoff 2^-11) rather than rounding beta * k, beta * v, the states
+    # and x to a half dtype (2^-9 for bf16) at every product: each such rounding adds about the output's own
+    # rounding error
+    states = dict(output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+                  chunk_size=chunk_size)
+    h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
+    h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
+    solve = (q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_indices, chunk_size)
+    if k.shape[-1] <= MAX_KERNEL_K:
+        x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv)
+    else:  # wide heads: the solve on cuBLAS (see chunk_cg_solve), the output from fla's pass on float32 operands
+        x, iters, _ = chunk_cg_solve(*solve)
+        del h_kk
+        o = chunk_fwd_o(q=x, k=k.float(), v=v.float() * beta[..., None].float(), h=h_kv, g=gc, scale=1.0,
+                        cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
     return o, ht_kk, ht_kv, x, iters
 
 
 def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init,
               cu_seqlens, chunk_indices, chunk_size):
-    from fla.ops.common.chunk_h import chunk_fwd_h
     from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -122,11 +117,10 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     if cg_steps == 0:
         dq, u = dx.float(), None
     else:
-        kf = k.float()
-        h_kk, _ = chunk_fwd_h(k=kf, v=kf * beta[..., None].float(), g=gc, h0=h0_kk, cu_seqlens=cu_seqlens,
-                              chunk_size=chunk_size, states_in_fp32=True)
-        u, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
-                              cu_seqlens, chunk_indices, chunk_size)
+        h_kk, _ = chunk_states_fwd(k, k, beta, gc, h0_kk, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+                                   chunk_size=chunk_size)
+        u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
+                                 cu_seqlens, chunk_indices, chunk_size)
         del h_kk
         dq = u
     dk = dk_s.float()

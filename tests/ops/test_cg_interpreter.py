@@ -1,4 +1,5 @@
-"""The Triton CG kernel, run by Triton's interpreter on the CPU, against its PyTorch twin.
+"""The Triton CG kernel (with its fused output pass) and the chunk-state kernel, run by Triton's interpreter on the
+CPU, against their PyTorch twins.
 
 The interpreter must be switched on before triton is imported, so the comparison runs in a subprocess.
 """
@@ -11,39 +12,67 @@ import textwrap
 SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
-    from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_states, pad_to_chunks
+    from fla_mesa.ops.states import chunk_states_fwd
+    from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
     torch.manual_seed(0)
     # K = 128 splits a chunk of 64 over two programs; K = 136 takes the wide-head PyTorch fallback
     for B, T, H, K, lamb_lo, varlen, C in [(2, 40, 2, 32, 0.05, False, 16), (1, 50, 1, 20, 0.5, True, 16),
                                            (1, 150, 1, 128, 0.3, True, 64), (2, 70, 1, 136, 0.3, False, 64),
                                            (1, 90, 1, 136, 0.3, True, 32)]:
         q = torch.randn(B, T, H, K)
-        k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
+        k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).bfloat16().float()
+        v = torch.randn(B, T, H, 48)
         g, beta = -torch.rand(B, T, H) * 0.2, torch.rand(B, T, H)
         lamb = torch.rand(H, K) + lamb_lo
         bounds = [0, 17, 33, T] if varlen else [0, T]
         cu = torch.tensor(bounds) if varlen else None
         # per-sequence chunking: pad every sequence to whole chunks for the PyTorch twin
-        pieces = [[pad_to_chunks(x[:, s:e], C) for x in (q, k, g, beta)] for s, e in zip(bounds, bounds[1:])]
+        pieces = [[pad_to_chunks(x[:, s:e], C) for x in (q, k, g, beta, v)] for s, e in zip(bounds, bounds[1:])]
         gcs = [chunk_cumsum(p[2], C) for p in pieces]
-        hs = [chunk_states(p[1], p[3][..., None] * p[1], gc, None, C)[0] for p, gc in zip(pieces, gcs)]
+        r0 = torch.randn(len(bounds) - 1 if varlen else B, H, K, K)
+        h0 = r0 @ r0.transpose(-1, -2) / K  # an initial H: symmetric positive semi-definite
+        hs, hts = zip(*[chunk_states(p[1], p[3][..., None] * p[1], gc, h0[i:i + 1] if varlen else h0, C)
+                        for i, (p, gc) in enumerate(zip(pieces, gcs))])
+        hvs = [chunk_states(p[1], p[3][..., None] * p[4], gc, None, C)[0] for p, gc in zip(pieces, gcs)]
         gc2 = torch.cat([gc[:, :e - s] for gc, s, e in zip(gcs, bounds, bounds[1:])], 1) / math.log(2)
         h = torch.cat(hs, 1).contiguous()
         idx = None
         if varlen:
             idx = torch.tensor([[n, i] for n, (s, e) in enumerate(zip(bounds, bounds[1:])) for i in range(-(-(e - s) // C))])
+        # the state kernel: H's states from bf16 keys, with an initial state, and the final state
+        h1, ht1 = chunk_states_fwd(k.bfloat16(), k.bfloat16(), beta, gc2.contiguous(), h0, True, cu, idx, C)
+        assert rel(h1, h) < 1e-5 and rel(ht1, torch.cat(hts, 0)) < 1e-5, (rel(h1, h), rel(ht1, torch.cat(hts, 0)))
+        hv1, _ = chunk_states_fwd(k, v, beta, gc2.contiguous(), None, False, cu, idx, C)
+        hv = torch.cat(hvs, 1)
+        assert rel(hv1, hv) < 1e-5, rel(hv1, hv)
         for init in ('jacobi', 'zero'):
             for tol in (None, 1e-3):
-                x1, i1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 12, tol, init, True, cu, idx, C)
+                fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
+                x1, i1, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 12, tol, init, True, cu, idx, C,
+                                            *((v, hv) if fused else ()))
                 outs = [torch_chunk_cg_solve(p[0], p[1], p[3], gc, hh, lamb, 12, tol, init, True, C)
                         for p, gc, hh in zip(pieces, gcs, hs)]
                 x2 = torch.cat([o[0][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
                 i2 = torch.cat([o[1][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
-                err = ((x1 - x2).norm() / x2.norm()).item()
+                err = rel(x1, x2)
                 mismatch = (i1 != i2).float().mean().item()
                 print(B, T, varlen, init, tol, err, mismatch, flush=True)
                 assert err < 1e-4, err
                 assert mismatch < 0.05, mismatch
+                if fused:
+                    o2 = torch.cat([chunk_output(pad_to_chunks(x1[:, s:e], C), p[1], p[3][..., None] * p[4], hh, gc,
+                                                 C)[:, :e - s] for p, gc, hh, s, e in
+                                    zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
+                    assert rel(o1, o2) < 1e-5, rel(o1, o2)
+        if K <= 128:  # cg_steps = 0: x = q and the GLA output
+            x0, _, o0 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 0, None, 'jacobi', False, cu, idx, C,
+                                       v, hv)
+            o2 = torch.cat([chunk_output(p[0], p[1], p[3][..., None] * p[4], hh, gc, C)[:, :e - s]
+                            for p, gc, hh, s, e in zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
+            assert torch.equal(x0, q) and rel(o0, o2) < 1e-5, rel(o0, o2)
     print('OK')
 ''')
 

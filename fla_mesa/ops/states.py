@@ -1,0 +1,124 @@
+"""Chunk-start states of S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T, in float32, from half-precision k and v.
+
+fla's `chunk_fwd_h` multiplies its operands in their own dtype, so a float32 state of beta * k * k^T needs float32
+copies of k and beta * k in memory (6 bytes a value more than bf16 k, and two passes over them); this kernel reads
+k, v and beta in their own dtype and forms beta_s * exp2(g_last - g_s) * v_s in float32 in registers (tf32
+products, as fla's float32 path).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=['T'])
+def chunk_states_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    h0,
+    h,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        boh = (i_n * tl.cdiv(T, BT)).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h = tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+
+    for i_t in range(NT):
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        row = (bos + o_t) * H + i_h
+        b_k = tl.load(k + row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.).to(tl.float32)
+        b_v = tl.load(v + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
+        b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+        b_g_last = tl.load(gc + (bos + tl.minimum((i_t + 1) * BT, T) - 1) * H + i_h).to(tl.float32)
+        b_w = tl.where(m_t, tl.exp2(b_g_last - b_g) * b_beta, 0.)
+        b_h = tl.dot(b_k, b_v * b_w[:, None], b_h * tl.exp2(b_g_last))
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+
+
+def chunk_states_fwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gc: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Triton: the state before each chunk of S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T, in float32.
+
+    Args:
+        k: `[B, T, H, K]`. v: `[B, T, H, V]` (pass `k` again for H_t's states). Any float dtype.
+        beta: `[B, T, H]`. gc: chunk-local cumulative log2 gate `[B, T, H]` (`chunk_local_cumsum(..., scale=RCP_LN2)`).
+        h0: initial states `[N, H, K, V]` or None. cu_seqlens: `[N + 1]` offsets of packed sequences (B = 1), with
+        their `prepare_chunk_indices(cu_seqlens, chunk_size)` if the caller has them.
+    Returns:
+        chunk-start states `[B, NT, H, K, V]` float32 (NT: chunks over all sequences when varlen), and the final
+        states `[N, H, K, V]` float32 if `output_final_state`, else None.
+    """
+    from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if cu_seqlens is None:
+        N, NT, chunk_offsets = B, triton.cdiv(T, chunk_size), None
+    else:
+        if chunk_indices is None:
+            chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+        N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
+    h = k.new_empty(B, NT, H, K, V, dtype=torch.float32)
+    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    # the fastest of BK, BV in (32, 64), 2-8 warps and 1-3 stages at K = V = 128 and 64 on an H100 (RESULTS.md)
+    BK = min(64, max(16, triton.next_power_of_2(K)))
+    BV = 64 if V >= 128 else 32
+    chunk_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        k, v, beta, gc, h0, h, ht, cu_seqlens, chunk_offsets,
+        T=T,
+        H=H,
+        K=K,
+        V=V,
+        BT=chunk_size,
+        BK=BK,
+        BV=BV,
+        USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None,
+        num_warps=2,
+        num_stages=2 if K >= 128 else 3,
+    )
+    return h, ht
