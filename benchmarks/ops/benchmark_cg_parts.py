@@ -1,0 +1,60 @@
+"""Times the parts of the CG kernel (`fla_mesa/ops/cg.py`): loads and stores alone, the Jacobi start, the fused
+output pass, 4 and 16 iterations; then the time per iteration (with the output pass) over launch configurations.
+
+Usage: python benchmarks/ops/benchmark_cg_parts.py    (GPU; B=8 T=2048 H=16, bf16, lamb = 0.01 and gamma close to 1
+so that no token stops early; D = 128 and 64)
+"""
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from fla_mesa.ops.cg import chunk_cg_kernel
+from fla_mesa.ops.states import chunk_states_fwd
+
+B, T, H = 8, 2048, 16
+
+
+def main():
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+    for D in (128, 64):
+        gen = torch.Generator(device='cuda').manual_seed(0)
+        q = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
+        k = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
+        v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
+        g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 6.0)
+        beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
+        lamb = torch.full((H, D), 0.01, device='cuda')
+        gc = chunk_local_cumsum(g, chunk_size=64, scale=RCP_LN2)
+        h_kk, _ = chunk_states_fwd(k, k, beta, gc)
+        h_kv, _ = chunk_states_fwd(k, v, beta, gc)
+        x, o = torch.empty(B, T, H, D, device='cuda'), torch.empty_like(v)
+
+        def launch(steps, jacobi, output, BR, warps, BV=64):
+            chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
+                q, k, beta, gc, h_kk, lamb, x, None, *((v, h_kv, o) if output else (None,) * 3), None, None,
+                tol_sq=0., steps=steps, T=T, H=H, K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, JACOBI=jacobi,
+                STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
+
+        BR0, w0 = (32, 8) if D == 128 else (64, 4)  # as chunk_cg_solve
+        print(f"== D={D} (shipped: {BR0} rows, {w0} warps)")
+        for steps, jacobi, output in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
+                                      (4, True, False), (16, True, False), (16, True, True)]:
+            t = do_bench(lambda: launch(steps, jacobi, output, BR0, w0), warmup=10, rep=50)
+            print(f"  steps={steps:2d} jacobi={jacobi:d} output={output:d}: {t:.3f} ms", flush=True)
+        res = []
+        for BR, w, BV in itertools.product((16, 32, 64), (4, 8), (32, 64)):
+            t4 = do_bench(lambda: launch(4, True, True, BR, w, BV), warmup=5, rep=30)
+            t16 = do_bench(lambda: launch(16, True, True, BR, w, BV), warmup=5, rep=30)
+            res.append((t16, t4, (t16 - t4) / 12, BR, w, BV))
+        for t16, t4, per, BR, w, BV in sorted(res)[:8]:
+            print(f"  rows={BR} warps={w} BV={BV}: 16 it {t16:.3f} ms, 4 it {t4:.3f} ms, per it {per:.4f} ms",
+                  flush=True)
+
+
+if __name__ == '__main__':
+    main()

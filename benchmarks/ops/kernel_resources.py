@@ -1,0 +1,77 @@
+"""Registers, spills and matrix instructions of the chunk kernels, compiled for Hopper (sm_90a) without a GPU.
+
+Usage: python benchmarks/ops/kernel_resources.py [--dims 128 64]
+Compiles `chunk_cg_kernel` (with and without its fused output pass) and `chunk_states_kernel` at the launch
+configurations `chunk_mesa` uses for bf16 inputs, with Triton's bundled ptxas, and prints ptxas's report (registers,
+spill bytes) and whether the products are Hopper's wgmma or the older mma.sync: what limits a kernel before any
+timing (benchmarks/RESULTS.md).
+"""
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fla_mesa.ops.cg import chunk_cg_kernel
+from fla_mesa.ops.states import chunk_states_kernel
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+TARGET = GPUTarget('cuda', 90, 32)
+
+
+def compile_kernel(fn, signature: dict, constants: dict, num_warps: int, num_stages: int):
+    """`fn` compiled for sm_90a: `signature` maps each runtime argument to its type, `constants` the others."""
+    sig = {name: signature.get(name, 'constexpr') for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    return triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def report(name: str, compiled) -> str:
+    with tempfile.NamedTemporaryFile('w', suffix='.ptx', delete=False) as f:
+        f.write(compiled.asm['ptx'])
+    res = subprocess.run([PTXAS, '-arch=sm_90a', '-v', f.name, '-o', os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    lines = [ln.split('ptxas info    :')[-1].strip() for ln in res.stderr.splitlines() if 'spill' in ln or 'Used' in ln]
+    ptx = compiled.asm['ptx']
+    mma = 'wgmma' if 'wgmma.mma_async' in ptx else 'mma.sync' if 'mma.sync' in ptx else 'none'
+    return f"| {name} | {'; '.join(lines)} | {mma} |"
+
+
+def cg_kernel(K: int, output: bool):
+    BR = min(64, 4096 // K)  # as chunk_cg_solve
+    sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
+               tol_sq='fp32', steps='i32', T='i32')
+    const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=BR, BK=K, BV=64, JACOBI=True,
+                 STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
+    if output:
+        sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
+    else:
+        const.update(v=None, h_kv=None, o=None)
+    name = f"chunk_cg_kernel K={K} rows={BR} warps={8 if K >= 128 else 4}{' + output' if output else ''}"
+    return name, compile_kernel(chunk_cg_kernel, sig, const, 8 if K >= 128 else 4, 1)
+
+
+def states_kernel(K: int):
+    BK, BV = min(64, K), 64 if K >= 128 else 32  # as chunk_states_fwd
+    sig = dict(k='*bf16', v='*bf16', beta='*fp32', gc='*fp32', h='*fp32', T='i32')
+    const = dict(h0=None, ht=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64, BK=BK, BV=BV,
+                 USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, IS_VARLEN=False)
+    return f"chunk_states_kernel K=V={K}", compile_kernel(chunk_states_kernel, sig, const, 2, 2 if K >= 128 else 3)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    args = p.parse_args()
+    print(f"triton {triton.__version__}, target sm_90a\n\n| kernel | ptxas | products |\n|---|---|---|")
+    for K in args.dims:
+        for name, compiled in (cg_kernel(K, False), cg_kernel(K, True), states_kernel(K)):
+            print(report(name, compiled), flush=True)
+
+
+if __name__ == '__main__':
+    main()
