@@ -341,3 +341,17 @@ def test_warm_start_replay():
     assert set(out['rows']) == {(0, 1e-3), (1, 1e-3)}
     for means in out['rows'].values():
         assert set(means) == set(ws.STARTS) and all(0 < v <= 100 for v in means.values())
+
+
+def test_mqar_grid_smoke(tmp_path):
+    """grid.py on the CPU: a warm-up per row, one process per cell, then the merged table and JSON."""
+    grid = load(os.path.join(MQAR, 'grid.py'), 'mqar_grid')
+    rc = grid.main(['--device', 'cpu', '--jobs', '2', '--models', 'mesa', '--mesa-gate-rows', 'gate_bias3',
+                    '--widths', '32', '--seq-lens', '32,64', '--out-dir', str(tmp_path), '--', '--tiny', '--steps', '2'])
+    assert rc == 0
+    merged = json.loads((tmp_path / 'merged.json').read_text())
+    cells = {(r['model'], r['seq_len']) for r in merged['results'] if r['ok'] and r['steps_done'] == 2}
+    assert cells == {(m, L) for m in ('mesa', 'mesa+gate_bias3') for L in (32, 64)}
+    assert sorted(p.name for p in tmp_path.glob('_warmup_*.log')) == ['_warmup_mesa.log', '_warmup_mesa_gate_bias3.log']
+    with pytest.raises(SystemExit):
+        grid.main(['--device', 'cpu', '--mesa-gate-rows', 'bogus', '--out-dir', str(tmp_path)])
