@@ -81,3 +81,49 @@ def test_triton_cg_kernel_matches_pytorch_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET='1')
     res = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+
+
+FORWARD_SCRIPT = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+    from triton.runtime import autotuner
+    autotuner.Autotuner._bench = lambda self, *a, config=None, **k: [0.0, 0.0, 0.0]  # no device to time fla's configs
+    from fla_mesa.ops.chunk import _cuda_fwd
+    from fla_mesa.ops import naive_cg_mesa, naive_recurrent_mesa
+    torch.manual_seed(0)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    # (T, K, V, cg_steps, lamb lower end, one repeated key, dtype, bound on o's error)
+    for T, K, V, steps, lamb_lo, repeat, dtype, bound in [(100, 32, 48, 30, 0.25, False, torch.float32, 1e-5),
+                                                          (70, 32, 32, 0, 0.25, False, torch.float32, 1e-5),
+                                                          (128, 32, 32, 30, 0.01, True, torch.bfloat16, 4 * 2 ** -9)]:
+        q, k = (F.normalize(torch.randn(1, T, 2, K), dim=-1) for _ in range(2))
+        if repeat:  # 128 copies of one key, gamma ~ 1, lamb = 0.01: H_t + Lambda is badly conditioned
+            k = k[:, :1].expand_as(k).contiguous()
+        v = torch.randn(1, T, 2, V)
+        g = -torch.rand(1, T, 2) * (0.001 if repeat else 0.3)
+        beta, lamb = torch.rand(1, T, 2), torch.rand(2, K) + lamb_lo
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', True, True,
+                                              None, None, 64)
+        args = [t.double() for t in (q, k, v, g, beta, lamb)]
+        o_ref, (hk, hv) = (naive_recurrent_mesa(*args, output_final_state=True) if steps else
+                           naive_cg_mesa(*args, cg_steps=0, output_final_state=True))
+        errs = rel(o, o_ref), rel(ht_kk, hk), rel(ht_kv, hv)
+        print(T, K, V, steps, dtype, errs, flush=True)
+        assert o.dtype == dtype and torch.isfinite(o).all()
+        assert errs[0] < bound and max(errs[1:]) < 1e-5, errs
+        assert steps > 0 or (torch.equal(x, q.float()) and iters.eq(0).all())
+    print('OK')
+''')
+
+
+def test_cuda_forward_matches_float64_in_interpreter():
+    """chunk_mesa's whole CUDA forward (fla's cumsum, the state kernel, CG with the fused output pass), run by the
+    interpreter on CPU tensors, against the float64 exact solve: outputs and final states, including cg_steps=0 and
+    an ill-conditioned bf16 input (the interpreter multiplies in full float32, not tf32)."""
+    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
+    res = subprocess.run([sys.executable, '-c', FORWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
