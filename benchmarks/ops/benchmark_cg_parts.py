@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops.cg import chunk_cg_kernel
+from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
 from fla_mesa.ops.states import chunk_states_fwd
 
 B, T, H = 8, 2048, 16
@@ -40,7 +40,8 @@ def main():
                 tol_sq=0., steps=steps, T=T, H=H, K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, JACOBI=jacobi,
                 STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
 
-        BR0, w0 = (32, 8) if D == 128 else (64, 4)  # as chunk_cg_solve
+        cfg = cg_launch_config(D)
+        BR0, w0 = cfg['BR'], cfg['num_warps']
         print(f"== D={D} (shipped: {BR0} rows, {w0} warps)")
         for steps, jacobi, output in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
                                       (4, True, False), (16, True, False), (16, True, True)]:

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops.states import chunk_states_kernel
+from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
 B, T, H = 8, 2048, 16
-SHIPPED = {128: (64, 64, 2, 2), 64: (64, 32, 2, 3)}  # (BK, BV, warps, stages) as chunk_states_fwd launches
 
 
 def main():
@@ -52,8 +51,10 @@ def main():
         res.sort()
         for t, cfg, err in res[:6]:
             print(f"D={D} ours BK={cfg[0]} BV={cfg[1]} warps={cfg[2]} stages={cfg[3]}: {t:.3f} ms (rel. diff {err:.1e})")
-        shipped = [t for t, cfg, _ in res if cfg == SHIPPED[D]]
-        print(f"D={D} ours as shipped {SHIPPED[D]}: {shipped[0]:.3f} ms", flush=True)
+        cfg = states_launch_config(D, D)
+        ship = (cfg['BK'], cfg['BV'], cfg['num_warps'], cfg['num_stages'])
+        shipped = [t for t, c, _ in res if c == ship]
+        print(f"D={D} ours as shipped {ship}: {shipped[0]:.3f} ms", flush=True)
 
 
 if __name__ == '__main__':

@@ -16,8 +16,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fla_mesa.ops.cg import chunk_cg_kernel
-from fla_mesa.ops.states import chunk_states_kernel
+from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
+from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
 TARGET = GPUTarget('cuda', 90, 32)
@@ -42,25 +42,26 @@ def report(name: str, compiled) -> str:
 
 
 def cg_kernel(K: int, output: bool):
-    BR = min(64, 4096 // K)  # as chunk_cg_solve
+    cfg = cg_launch_config(K)
     sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
                tol_sq='fp32', steps='i32', T='i32')
-    const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=BR, BK=K, BV=64, JACOBI=True,
-                 STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
+    const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
+                 JACOBI=True, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
     if output:
         sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
     else:
         const.update(v=None, h_kv=None, o=None)
-    name = f"chunk_cg_kernel K={K} rows={BR} warps={8 if K >= 128 else 4}{' + output' if output else ''}"
-    return name, compile_kernel(chunk_cg_kernel, sig, const, 8 if K >= 128 else 4, 1)
+    name = f"chunk_cg_kernel K={K} rows={cfg['BR']} warps={cfg['num_warps']}{' + output' if output else ''}"
+    return name, compile_kernel(chunk_cg_kernel, sig, const, cfg['num_warps'], 1)
 
 
 def states_kernel(K: int):
-    BK, BV = min(64, K), 64 if K >= 128 else 32  # as chunk_states_fwd
+    cfg = states_launch_config(K, K)
     sig = dict(k='*bf16', v='*bf16', beta='*fp32', gc='*fp32', h='*fp32', T='i32')
-    const = dict(h0=None, ht=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64, BK=BK, BV=BV,
-                 USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, IS_VARLEN=False)
-    return f"chunk_states_kernel K=V={K}", compile_kernel(chunk_states_kernel, sig, const, 2, 2 if K >= 128 else 3)
+    const = dict(h0=None, ht=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64, BK=cfg['BK'],
+                 BV=cfg['BV'], USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, IS_VARLEN=False)
+    return (f"chunk_states_kernel K=V={K}",
+            compile_kernel(chunk_states_kernel, sig, const, cfg['num_warps'], cfg['num_stages']))
 
 
 def main():

@@ -187,10 +187,8 @@ def chunk_cg_solve(
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
     V = 1 if v is None else v.shape[-1]
     o = None if v is None else torch.empty_like(v)
-    BK = max(16, triton.next_power_of_2(K))
-    # rows per program: keeps the float32 CG vectors of a program at <= 4096 entries each, in registers
-    BR = min(chunk_size, 4096 // BK)
-    chunk_cg_kernel[(NT * (chunk_size // BR), B * H)](
+    cfg = cg_launch_config(K, chunk_size)
+    chunk_cg_kernel[(NT * (chunk_size // cfg['BR']), B * H)](
         b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, v, h_kv, o, cu_seqlens, chunk_indices,
         tol_sq=cg_threshold(cg_tol, torch.float32),
         steps=cg_steps,
@@ -199,17 +197,22 @@ def chunk_cg_solve(
         K=K,
         V=V,
         BT=chunk_size,
-        BR=BR,
-        BK=BK,
         BV=min(64, max(16, triton.next_power_of_2(V))),
         JACOBI=cg_init == 'jacobi',
         STORE_ITERS=return_iters,
         OUTPUT=v is not None,
         IS_VARLEN=cu_seqlens is not None,
-        num_warps=8 if BK >= 128 else 4,
         num_stages=1,
+        **cfg,
     )
     return x, iters, o
+
+
+def cg_launch_config(K: int, chunk_size: int = 64) -> dict:
+    """`chunk_cg_kernel`'s rows per program BR, key tile BK and warps: BR keeps the float32 CG vectors of a program
+    at <= 4096 entries each, in registers."""
+    BK = max(16, triton.next_power_of_2(K))
+    return dict(BR=min(chunk_size, 4096 // BK), BK=BK, num_warps=8 if BK >= 128 else 4)
 
 
 def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size):

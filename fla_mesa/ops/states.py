@@ -103,22 +103,24 @@ def chunk_states_fwd(
         N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
     h = k.new_empty(B, NT, H, K, V, dtype=torch.float32)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    # the fastest of BK, BV in (32, 64), 2-8 warps and 1-3 stages at K = V = 128 and 64 on an H100 (RESULTS.md)
-    BK = min(64, max(16, triton.next_power_of_2(K)))
-    BV = 64 if V >= 128 else 32
-    chunk_states_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+    cfg = states_launch_config(K, V)
+    chunk_states_kernel[(triton.cdiv(K, cfg['BK']), triton.cdiv(V, cfg['BV']), N * H)](
         k, v, beta, gc, h0, h, ht, cu_seqlens, chunk_offsets,
         T=T,
         H=H,
         K=K,
         V=V,
         BT=chunk_size,
-        BK=BK,
-        BV=BV,
         USE_INITIAL_STATE=h0 is not None,
         STORE_FINAL_STATE=output_final_state,
         IS_VARLEN=cu_seqlens is not None,
-        num_warps=2,
-        num_stages=2 if K >= 128 else 3,
+        **cfg,
     )
     return h, ht
+
+
+def states_launch_config(K: int, V: int) -> dict:
+    """`chunk_states_kernel`'s tiles, warps and stages: the fastest of BK, BV in (32, 64), 2-8 warps and 1-3 stages
+    at K = V = 128 and 64 on an H100 (benchmarks/RESULTS.md)."""
+    return dict(BK=min(64, max(16, triton.next_power_of_2(K))), BV=64 if V >= 128 else 32, num_warps=2,
+                num_stages=2 if K >= 128 else 3)
