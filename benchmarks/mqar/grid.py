@@ -64,28 +64,28 @@ def rows(args) -> list[tuple[str, list[str]]]:
     return out
 
 
-def jobs(args) -> list[dict]:
+def train_cmd(opts: list[str], width: int, seq_len: int, args, *extra: str) -> list[str]:
+    return [sys.executable, TRAIN, *opts, '--widths', str(width), '--seq-lens', str(seq_len), '--no-progress',
+            *args.rest, *extra]
+
+
+def jobs(args, widths: list[int], seq_lens: list[int]) -> list[dict]:
     out = []
     for label, opts in rows(args):
-        model = opts[1]
-        for L in (int(x) for x in args.seq_lens.split(',')):
-            for d in (int(x) for x in args.widths.split(',')):
+        for L in seq_lens:
+            for d in widths:
                 name = f"{label.replace('+', '_')}_d{d}_L{L}"
                 out.append({'name': name, 'label': label, 'width': d, 'seq_len': L,
-                            'cost': MODEL_COST.get(model, 4) * L * max(d, 128),
-                            'cmd': [sys.executable, TRAIN, *opts, '--widths', str(d), '--seq-lens', str(L),
-                                    '--out', os.path.join(args.out_dir, name + '.json'), '--no-progress',
-                                    *args.rest]})
+                            'cost': MODEL_COST.get(opts[1], 4) * L * max(d, 128),
+                            'cmd': train_cmd(opts, d, L, args, '--out', os.path.join(args.out_dir, name + '.json'))})
     return out
 
 
-def warmups(args) -> list[dict]:
+def warmups(args, widths: list[int], seq_lens: list[int]) -> list[dict]:
     """One short run per row at the smallest cell: compiles and autotunes that row's kernels."""
-    d, L = min(int(x) for x in args.widths.split(',')), min(int(x) for x in args.seq_lens.split(','))
     return [{'name': f"_warmup_{label.replace('+', '_')}", 'cost': 1,
-             'cmd': [sys.executable, TRAIN, *opts, '--widths', str(d), '--seq-lens', str(L), '--no-progress', *args.rest,
-                     '--steps', str(args.warmup_steps), '--train-examples', '256', '--test-examples', '16',
-                     '--budget-s', '0']}
+             'cmd': train_cmd(opts, min(widths), min(seq_lens), args, '--steps', str(args.warmup_steps),
+                              '--train-examples', '256', '--test-examples', '16')}
             for label, opts in rows(args)]
 
 
@@ -129,7 +129,9 @@ def launch(job: dict, args) -> subprocess.Popen:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
-    todo, warm = jobs(args), warmups(args) if args.warmup_steps > 0 else []
+    widths, seq_lens = ([int(x) for x in a.split(',')] for a in (args.widths, args.seq_lens))
+    todo = jobs(args, widths, seq_lens)
+    warm = warmups(args, widths, seq_lens) if args.warmup_steps > 0 else []
     if args.device == 'cuda':
         import torch
         n = torch.cuda.device_count()
