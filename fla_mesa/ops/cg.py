@@ -1,7 +1,7 @@
 """Conjugate gradient for (H_t + diag(lamb)) x_t = b_t at every t at once.
 
 Tokens are independent systems, so a chunk of tokens needs only its chunk-start state H_c and its own
-keys: the Triton kernel keeps a chunk's keys, gates and CG vectors on chip across all iterations (fla
+keys: the Triton kernel keeps a chunk's keys, gates, state and CG vectors on chip across all iterations (fla
 has no such kernel: its GLA primitives would take one launch and a round trip to memory per iteration).
 Each token stops once ||r_k|| <= max(cg_tol, eps) * ||r_0|| (eps: the compute dtype's machine epsilon;
 iterating past that floor lets the recursively updated residual underflow, and CG then diverges), and a
@@ -18,7 +18,7 @@ from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, decay_matrix, pad
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
 
-# the kernel holds a [K, K] float32 state tile and [rows, K] float32 CG vectors in registers
+# the kernel holds a [K, K] float32 state tile in shared memory and [rows, K] float32 CG vectors in registers
 MAX_KERNEL_K = 128
 
 
@@ -88,11 +88,12 @@ def chunk_cg_kernel(
     b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_gs[None, :], 0.)) * b_beta[None, :], 0.)
     b_eg = tl.exp2(b_g)
 
+    # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
+    b_hm = tl.load(p_h, mask=m_kk, other=0.)
     if JACOBI:
         b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
         b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k)
         b_x = b_b / (b_diag + b_lamb[None, :])
-        b_hm = tl.load(p_h, mask=m_kk, other=0.)
         b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
         b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
             + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
@@ -100,6 +101,8 @@ def chunk_cg_kernel(
     else:
         b_x = tl.zeros([BR, BK], dtype=tl.float32)
         b_r = b_b
+    if steps == 0:  # selected here, not after the loop, so that b stops being live
+        b_x = b_b
     b_p = b_r
     b_rs = tl.sum(b_r * b_r, 1)
     b_thresh = tol_sq * b_rs
@@ -109,7 +112,6 @@ def chunk_cg_kernel(
     todo = tl.max(b_rs - b_thresh, 0) > 0
     while (i < steps) & todo:
         b_active = b_rs > b_thresh
-        b_hm = tl.load(p_h, mask=m_kk, other=0.)
         b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
         b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
             + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
@@ -124,8 +126,6 @@ def chunk_cg_kernel(
         b_rs = tl.where(b_active, b_rs_new, b_rs)
         i += 1
         todo = tl.max(b_rs - b_thresh, 0) > 0
-    if steps == 0:
-        b_x = b_b
 
     tl.store(x + p_tk, b_x, mask=m_tk)
     if STORE_ITERS:
@@ -209,10 +209,10 @@ def chunk_cg_solve(
 
 
 def cg_launch_config(K: int, chunk_size: int = 64) -> dict:
-    """`chunk_cg_kernel`'s rows per program BR, key tile BK and warps: BR keeps the float32 CG vectors of a program
-    at <= 4096 entries each, in registers."""
+    """`chunk_cg_kernel`'s rows per program BR, key tile BK and warps: the fastest per CG iteration on an H100 of
+    16-64 rows and 4 or 8 warps at K = 128 (16 rows, 4 warps) and K = 64 (64 rows, 4 warps), benchmarks/RESULTS.md."""
     BK = max(16, triton.next_power_of_2(K))
-    return dict(BR=min(chunk_size, 4096 // BK), BK=BK, num_warps=8 if BK >= 128 else 4)
+    return dict(BR=min(chunk_size, 16 if BK >= 128 else 64), BK=BK, num_warps=4)
 
 
 def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size):
