@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
+from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.states import chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
@@ -109,33 +110,28 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     from fla.ops.utils.constant import RCP_LN2
 
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    beta_k, beta_v = beta[..., None].to(k.dtype), beta[..., None].to(v.dtype)
-    kb, vb = k * beta_k, v * beta_v
-    xq = x.to(k.dtype)
+    through_h = cg_steps > 0 or dht_kk is not None
+    kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
     gla = dict(g=gc, g_gamma=None, scale=1.0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
-    dx, dk_s, dvb, dg_s, dh0_kv = chunk_simple_gla_bwd(q=xq, k=k, v=vb, initial_state=h0_kv, do=do, dht=dht_kv, **gla)
+    dx, dk_s, dvb, dg, dh0_kv = chunk_simple_gla_bwd(q=xq, k=k, v=vb, initial_state=h0_kv, do=do, dht=dht_kv, **gla)
+    del vb  # here and below: each temporary goes as soon as it is used, for the peak memory
     if cg_steps == 0:
-        dq, u = dx.float(), None
+        dq, dy, dlamb = dx, torch.zeros_like(xq), torch.zeros_like(lamb, dtype=torch.float32)
     else:
         h_kk, _ = chunk_states_fwd(k, k, beta, gc, h0_kk, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
                                    chunk_size=chunk_size)
         u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
                                  cu_seqlens, chunk_indices, chunk_size)
-        del h_kk
-        dq = u
-    dk = dk_s.float()
-    dbeta = (dvb.float() * v.float()).sum(-1)
-    dg = dg_s.float()
-    dh0_kk = None
-    if u is not None or dht_kk is not None:
-        dy = torch.zeros_like(xq) if u is None else (-u).to(k.dtype)
+        del h_kk, dx
+        dq, dy, dlamb = bwd_solve(u, x, q.dtype, k.dtype)
+        del u
+    dk_h = dkb = dh0_kk = None
+    if through_h:
         _, dk_h, dkb, dg_h, dh0_kk = chunk_simple_gla_bwd(q=xq, k=k, v=kb, initial_state=h0_kk, do=dy, dht=dht_kk, **gla)
-        dk += dk_h.float() + beta[..., None].float() * dkb.float()
-        dbeta += (dkb.float() * k.float()).sum(-1)
-        dg += dg_h.float()
+        dg = dg + dg_h
+    del kb, xq, dy
+    dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
     dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    dv = dvb.float() * beta[..., None].float()
-    dlamb = torch.zeros_like(lamb, dtype=torch.float32) if u is None else -(u * x).sum((0, 1))
     return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
 
 

@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
     torch.manual_seed(0)
-    # K = 128 splits a chunk of 64 over two programs; K = 136 takes the wide-head PyTorch fallback
+    # K = 128 splits a chunk of 64 over four programs; K = 136 takes the wide-head PyTorch fallback
     for B, T, H, K, lamb_lo, varlen, C in [(2, 40, 2, 32, 0.05, False, 16), (1, 50, 1, 20, 0.5, True, 16),
                                            (1, 150, 1, 128, 0.3, True, 64), (2, 70, 1, 136, 0.3, False, 64),
                                            (1, 90, 1, 136, 0.3, True, 32)]:
@@ -126,4 +126,59 @@ def test_cuda_forward_matches_float64_in_interpreter():
     an ill-conditioned bf16 input (the interpreter multiplies in full float32, not tf32)."""
     env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
     res = subprocess.run([sys.executable, '-c', FORWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+
+
+ELEMENTWISE_SCRIPT = textwrap.dedent('''
+    import torch
+    from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
+    torch.manual_seed(0)
+
+    def close(a, b, dtype):
+        # float32 arithmetic, one rounding at the store; Triton's interpreter rounds float32 to bf16 toward zero
+        # (the GPU to nearest), so a bf16 result must equal the truncated float32 expression bit for bit
+        assert a.dtype == dtype, (a.dtype, dtype)
+        if dtype == torch.bfloat16:
+            b = (b.float().contiguous().view(torch.int32) & ~0xFFFF).view(torch.float32)
+            assert torch.equal(a.float(), b), (a.float() - b).abs().max()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    # B * T not a multiple of the 32 rows of a program; K = 136 takes two key tiles
+    for B, T, H, K, V, dtype, kb_too in [(2, 45, 3, 32, 48, torch.bfloat16, True), (1, 70, 2, 136, 20, torch.float32, True),
+                                         (3, 17, 1, 64, 64, torch.bfloat16, False)]:
+        k, x, u, dk_s, dk_h, dkb = (torch.randn(B, T, H, K) for _ in range(6))
+        v, dvb = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+        beta = torch.rand(B, T, H)
+        k, v, dk_s, dk_h, dkb, dvb = (t.to(dtype) for t in (k, v, dk_s, dk_h, dkb, dvb))
+        kb, vb, xq = bwd_prep(k, v, beta, x, kb_too)
+        b = beta[..., None]
+        close(vb, b * v.float(), dtype)
+        close(xq, x, dtype)
+        assert (kb is None) != kb_too
+        if kb_too:
+            close(kb, b * k.float(), dtype)
+        dq, dy, dlamb = bwd_solve(u, x, torch.float32, dtype)
+        close(dq, u, torch.float32)
+        close(dy, -u, dtype)
+        torch.testing.assert_close(dlamb, -(u * x).sum((0, 1)), rtol=1e-5, atol=1e-5)
+        if not kb_too:
+            dk_h = dkb = None
+        dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
+        dk_ref = dk_s.float() + (0 if dkb is None else dk_h.float() + b * dkb.float())
+        dbeta_ref = (dvb.float() * v.float()).sum(-1) + (0 if dkb is None else (dkb.float() * k.float()).sum(-1))
+        close(dk, dk_ref, dtype)
+        close(dv, b * dvb.float(), dtype)
+        torch.testing.assert_close(dbeta, dbeta_ref, rtol=1e-5, atol=1e-5)
+        print(B, T, H, K, V, dtype, flush=True)
+    print('OK')
+''')
+
+
+def test_backward_elementwise_kernels_in_interpreter():
+    """The backward's three fused elementwise kernels against their PyTorch expressions: rows not a multiple of a
+    program's, keys over two tiles, with and without the H-side gradients."""
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    res = subprocess.run([sys.executable, '-c', ELEMENTWISE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
