@@ -6,7 +6,8 @@ value beta * v while x is on chip. Backward: dx = S_t do_t and the S-side gradie
 diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
 gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
 through the CG iterations: the gradients are those of the exact solve.
-On CUDA the backward's GLA passes are fla's Triton primitives; elsewhere every pass is `torch_chunk`'s PyTorch twin.
+On CUDA the backward's GLA passes are fla's Triton primitives and its casts and sums our `elementwise` kernels;
+elsewhere every pass is `torch_chunk`'s PyTorch twin.
 """
 
 import torch
