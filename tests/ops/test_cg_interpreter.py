@@ -145,7 +145,8 @@ ELEMENTWISE_SCRIPT = textwrap.dedent('''
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
     # B * T not a multiple of the 32 rows of a program; K = 136 takes two key tiles
-    for B, T, H, K, V, dtype, kb_too in [(2, 45, 3, 32, 48, torch.bfloat16, True), (1, 70, 2, 136, 20, torch.float32, True),
+    for B, T, H, K, V, dtype, kb_too in [(2, 45, 3, 32, 48, torch.bfloat16, True),
+                                         (1, 70, 2, 136, 20, torch.float32, True),
                                          (3, 17, 1, 64, 64, torch.bfloat16, False)]:
         k, x, u, dk_s, dk_h, dkb = (torch.randn(B, T, H, K) for _ in range(6))
         v, dvb = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
