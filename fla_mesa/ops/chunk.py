@@ -117,7 +117,8 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     dx, dk_s, dvb, dg, dh0_kv = chunk_simple_gla_bwd(q=xq, k=k, v=vb, initial_state=h0_kv, do=do, dht=dht_kv, **gla)
     del vb  # here and below: each temporary goes as soon as it is used, for the peak memory
     if cg_steps == 0:
-        dq, dy, dlamb = dx, torch.zeros_like(xq), torch.zeros_like(lamb, dtype=torch.float32)
+        dq, dlamb = dx, torch.zeros_like(lamb, dtype=torch.float32)
+        dy = torch.zeros_like(xq) if through_h else None  # H's side runs only for a final-state gradient
     else:
         h_kk, _ = chunk_states_fwd(k, k, beta, gc, h0_kk, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
                                    chunk_size=chunk_size)
