@@ -38,8 +38,12 @@ def launch(mod, args, steps, BR=None, num_warps=None):
     """Runs `mod`'s kernel for exactly `steps` iterations (tolerance 0) and returns the per-token counts."""
     q, k, beta, gc, h_kk, lamb = args
     B, T, H, K = q.shape
-    BK = max(16, triton.next_power_of_2(K))
-    BR = BR or min(64, 4096 // BK)
+    if hasattr(mod, 'cg_launch_config'):
+        cfg = mod.cg_launch_config(K)
+    else:  # versions before cg_launch_config chose these
+        BK = max(16, triton.next_power_of_2(K))
+        cfg = dict(BR=min(64, 4096 // BK), BK=BK, num_warps=8 if BK >= 128 else 4)
+    BK, BR, num_warps = cfg['BK'], BR or cfg['BR'], num_warps or cfg['num_warps']
     x = torch.empty(B, T, H, K, dtype=torch.float32, device='cuda')
     iters = torch.empty(B, T, H, dtype=torch.int32, device='cuda')
     # kernels since the fused output pass take (v, h_kv, o) and V, BV, OUTPUT: off here (the solve alone)
@@ -48,7 +52,7 @@ def launch(mod, args, steps, BR=None, num_warps=None):
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         q, k, beta, gc, h_kk, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64,
         BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,
-        num_warps=num_warps or (8 if BK >= 128 else 4), num_stages=1)
+        num_warps=num_warps, num_stages=1)
     return iters
 
 
