@@ -47,6 +47,7 @@ def chunk_cg_kernel(
     BR: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    SOLVE: tl.constexpr,
     JACOBI: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     OUTPUT: tl.constexpr,
@@ -79,53 +80,53 @@ def chunk_cg_kernel(
     b_beta = tl.load(beta + row_s, mask=m_s, other=0.).to(tl.float32)
     b_gs = tl.load(gc + row_s, mask=m_s, other=0.).to(tl.float32)
     b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
-    b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
-    p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
-    m_kk = m_k[:, None] & m_k[None, :]
 
     # decay[t, s] = exp2(g_t - g_s) * beta_s for key s <= token t in the chunk
     m_ts = (o_t[:, None] >= o_s[None, :]) & m_t[:, None] & m_s[None, :]
     b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_gs[None, :], 0.)) * b_beta[None, :], 0.)
     b_eg = tl.exp2(b_g)
 
-    # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
-    b_hm = tl.load(p_h, mask=m_kk, other=0.)
-    if JACOBI:
-        b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
-        b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k)
-        b_x = b_b / (b_diag + b_lamb[None, :])
-        b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
-        b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
-            + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
-        b_r = b_b - b_ax
-    else:
-        b_x = tl.zeros([BR, BK], dtype=tl.float32)
-        b_r = b_b
-    if steps == 0:  # selected here, not after the loop, so that b stops being live
-        b_x = b_b
-    b_p = b_r
-    b_rs = tl.sum(b_r * b_r, 1)
-    b_thresh = tol_sq * b_rs
+    b_x = b_b
     b_cnt = tl.zeros([BR], dtype=tl.int32)
+    if SOLVE:  # cg_steps > 0; without it x = b (gated linear attention) and neither H's state nor lamb is read
+        b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
+        p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
+        m_kk = m_k[:, None] & m_k[None, :]
+        # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
+        b_hm = tl.load(p_h, mask=m_kk, other=0.)
+        if JACOBI:
+            b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
+            b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k)
+            b_x = b_b / (b_diag + b_lamb[None, :])
+            b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
+            b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
+                + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
+            b_r = b_b - b_ax
+        else:
+            b_x = tl.zeros([BR, BK], dtype=tl.float32)
+            b_r = b_b
+        b_p = b_r
+        b_rs = tl.sum(b_r * b_r, 1)
+        b_thresh = tol_sq * b_rs
 
-    i = 0
-    todo = tl.max(b_rs - b_thresh, 0) > 0
-    while (i < steps) & todo:
-        b_active = b_rs > b_thresh
-        b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
-        b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
-            + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
-        b_pap = tl.sum(b_p * b_ap, 1)
-        b_alpha = tl.where(b_active & (b_pap > 0), b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
-        b_x += b_alpha[:, None] * b_p
-        b_r -= b_alpha[:, None] * b_ap
-        b_rs_new = tl.sum(b_r * b_r, 1)
-        b_cg_beta = tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.)
-        b_p = tl.where(b_active[:, None], b_r + b_cg_beta[:, None] * b_p, b_p)
-        b_cnt += b_active.to(tl.int32)
-        b_rs = tl.where(b_active, b_rs_new, b_rs)
-        i += 1
+        i = 0
         todo = tl.max(b_rs - b_thresh, 0) > 0
+        while (i < steps) & todo:
+            b_active = b_rs > b_thresh
+            b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
+            b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
+                + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
+            b_pap = tl.sum(b_p * b_ap, 1)
+            b_alpha = tl.where(b_active & (b_pap > 0), b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
+            b_x += b_alpha[:, None] * b_p
+            b_r -= b_alpha[:, None] * b_ap
+            b_rs_new = tl.sum(b_r * b_r, 1)
+            b_cg_beta = tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.)
+            b_p = tl.where(b_active[:, None], b_r + b_cg_beta[:, None] * b_p, b_p)
+            b_cnt += b_active.to(tl.int32)
+            b_rs = tl.where(b_active, b_rs_new, b_rs)
+            i += 1
+            todo = tl.max(b_rs - b_thresh, 0) > 0
 
     tl.store(x + p_tk, b_x, mask=m_tk)
     if STORE_ITERS:
@@ -198,6 +199,7 @@ def chunk_cg_solve(
         V=V,
         BT=chunk_size,
         BV=min(64, max(16, triton.next_power_of_2(V))),
+        SOLVE=cg_steps > 0,
         JACOBI=cg_init == 'jacobi',
         STORE_ITERS=return_iters,
         OUTPUT=v is not None,

@@ -91,7 +91,9 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     # rounding error
     states = dict(output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
                   chunk_size=chunk_size)
-    h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
+    h_kk = ht_kk = None
+    if cg_steps > 0 or output_final_state:  # gated linear attention (no CG) needs H only for its final state
+        h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
     h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     solve = (q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_indices, chunk_size)
     if k.shape[-1] <= MAX_KERNEL_K:
