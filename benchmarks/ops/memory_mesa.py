@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_mesa import inputs  # noqa: E402
 
 B, T, H = 8, 2048, 16
-STEPS = ('chunk_states_fwd', 'chunk_cg_solve', 'bwd_prep', 'bwd_solve', 'bwd_combine')
+STEPS = ('chunk_states_fwd', 'chunk_cg_solve', 'bwd_prep', '_gla_bwd', 'bwd_solve', 'bwd_combine')
 
 
 def record(module, name, log):
@@ -36,12 +36,10 @@ def record(module, name, log):
 
 
 def main():
-    import fla.ops.simple_gla.chunk as gla_chunk
     from fla.ops.mesa_net import chunk_mesa_net
     log = []
     for name in STEPS:
         record(mesa_chunk, name, log)
-    record(gla_chunk, 'chunk_simple_gla_bwd', log)
     for D in (128, 64):
         for label, fn in [('chunk_mesa', lambda *a: chunk_mesa(*a, cg_steps=30)[0]),
                           ('fla chunk_mesa_net', lambda *a: chunk_mesa_net(*a, max_CG_iteration=30)[0])]:

@@ -6,8 +6,9 @@ value beta * v while x is on chip. Backward: dx = S_t do_t and the S-side gradie
 diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
 gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
 through the CG iterations: the gradients are those of the exact solve.
-On CUDA the backward's GLA passes are fla's Triton primitives and its casts and sums our `elementwise` kernels;
-elsewhere every pass is `torch_chunk`'s PyTorch twin.
+On CUDA the backward's GLA passes are fla's Triton primitives, run on the float32 chunk states of our state kernel
+(the solve's own, for H's side), and its casts and sums are our `elementwise` kernels; elsewhere every pass is
+`torch_chunk`'s PyTorch twin.
 """
 
 import torch
@@ -106,34 +107,47 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     return o, ht_kk, ht_kv, x, iters
 
 
+def _gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
+    """fla's `chunk_simple_gla_bwd` on chunk states `h` [B, NT, H, K, V] float32 that the caller already has, instead
+    of recomputing them (fla has no entry point that takes them): returns dq, dk, dv, dg (chunk-local), dh0."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv
+
+    common = dict(g=g, g_gamma=None, scale=1.0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+    dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, states_in_fp32=True, **common)
+    dq, dk, _, dg = chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, chunk_indices=chunk_indices, **common)
+    dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, chunk_indices=chunk_indices, **common)
+    return dq, dk, dv, dg, dh0
+
+
 def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init,
               cu_seqlens, chunk_indices, chunk_size):
-    from fla.ops.simple_gla.chunk import chunk_simple_gla_bwd
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
 
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     through_h = cg_steps > 0 or dht_kk is not None
     kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
-    gla = dict(g=gc, g_gamma=None, scale=1.0, cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
-    dx, dk_s, dvb, dg, dh0_kv = chunk_simple_gla_bwd(q=xq, k=k, v=vb, initial_state=h0_kv, do=do, dht=dht_kv, **gla)
-    del vb  # here and below: each temporary goes as soon as it is used, for the peak memory
+    varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
+    # the forward's float32 chunk states again (from float32 beta * v and beta * k, as the forward used them)
+    h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **varlen)
+    dx, dk_s, dvb, dg, dh0_kv = _gla_bwd(xq, k, vb, h_kv, h0_kv, do, dht_kv, gc, **varlen)
+    del vb, h_kv  # here and below: each temporary goes as soon as it is used, for the peak memory
+    h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **varlen)[0] if through_h else None
     if cg_steps == 0:
         dq, dlamb = dx, torch.zeros_like(lamb, dtype=torch.float32)
         dy = torch.zeros_like(xq) if through_h else None  # H's side runs only for a final-state gradient
     else:
-        h_kk, _ = chunk_states_fwd(k, k, beta, gc, h0_kk, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-                                   chunk_size=chunk_size)
         u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
                                  cu_seqlens, chunk_indices, chunk_size)
-        del h_kk, dx
+        del dx
         dq, dy, dlamb = bwd_solve(u, x, q.dtype, k.dtype)
         del u
     dk_h = dkb = dh0_kk = None
-    if through_h:
-        _, dk_h, dkb, dg_h, dh0_kk = chunk_simple_gla_bwd(q=xq, k=k, v=kb, initial_state=h0_kk, do=dy, dht=dht_kk, **gla)
+    if through_h:  # the solve's states serve H's GLA backward too
+        _, dk_h, dkb, dg_h, dh0_kk = _gla_bwd(xq, k, kb, h_kk, h0_kk, dy, dht_kk, gc, **varlen)
         dg = dg + dg_h
-    del kb, xq, dy
+    del h_kk, kb, xq, dy
     dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
     dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
