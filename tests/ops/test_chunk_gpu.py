@@ -67,7 +67,7 @@ def test_fp32_outputs_states_and_gradients_match_float64(case, cg_init):
 
 @pytest.mark.skipif(IEEE, reason="already under ieee")
 def test_fp32_under_ieee():
-    env = {**os.environ, 'TRITON_F32_DEFAULT': 'ieee'}
+    env = {**os.environ, 'TRITON_F32_DEFAULT': 'ieee', 'FLA_MESA_TEST_FIRST_CONFIG': '1'}
     run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-s', '-m', 'gpu',
                           f'{__file__}::test_fp32_outputs_states_and_gradients_match_float64', '-k', 'T65K32forget'],
                          env=env, capture_output=True, text=True,
