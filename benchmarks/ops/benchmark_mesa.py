@@ -47,19 +47,25 @@ def timed(fn, args, backward):
 
 
 def ops(steps):
+    """Our rows run as `MesaAttention` calls the op, without the two value checks (each waits for the GPU, and fla's
+    ops have none); one row at 30 steps keeps them, for their cost."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.mesa_net import chunk_mesa_net
     from fla.ops.simple_gla import chunk_simple_gla
+
+    def mesa(q, k, v, g, b, l, **kw):
+        return chunk_mesa(q, k, v, g, b, l, check_values=kw.pop('check_values', False), **kw)[0]
     return {
         f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
-        f'chunk_mesa, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa(q, k, v, g, b, l, cg_steps=steps)[0],
-        **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (
-            lambda q, k, v, g, b, l, tol=tol: chunk_mesa(q, k, v, g, b, l, cg_steps=steps, cg_tol=tol)[0])
+        f'chunk_mesa, {steps} CG': lambda *a: mesa(*a, cg_steps=steps),
+        **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (lambda *a, tol=tol: mesa(*a, cg_steps=steps, cg_tol=tol))
            for tol in ((1e-2, 1e-3) if steps == 30 else ())},
+        **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True)}
+           if steps == 30 else {}),
     }, {
         'fla chunk_simple_gla': lambda q, k, v, g, b, l: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
         'fla chunk_gated_delta_rule': lambda q, k, v, g, b, l: chunk_gated_delta_rule(q, k, v, g, b.to(q.dtype))[0],
-        'chunk_mesa, 0 CG (GLA)': lambda q, k, v, g, b, l: chunk_mesa(q, k, v, g, b, l, cg_steps=0)[0],
+        'chunk_mesa, 0 CG (GLA)': lambda *a: mesa(*a, cg_steps=0),
     }
 
 
