@@ -22,14 +22,15 @@ def _rows(N, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def bwd_prep_kernel(k, v, beta, x, kb, vb, xq, N, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr):
-    # kb = beta * k, vb = beta * v in k's and v's dtypes, xq = x in k's dtype
+                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, XQ: tl.constexpr):
+    # kb = beta * k, vb = beta * v and xq = x, each in its output's dtype
     i_t, i_h, o_t, m_t, row = _rows(N, H, BT)
     b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)[:, None]
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m, p = m_t[:, None] & (o_k < K)[None, :], row[:, None] * K + o_k[None, :]
-        tl.store(xq + p, tl.load(x + p, mask=m, other=0.).to(xq.dtype.element_ty), mask=m)
+        if XQ:
+            tl.store(xq + p, tl.load(x + p, mask=m, other=0.).to(xq.dtype.element_ty), mask=m)
         if KB:
             tl.store(kb + p, (b_beta * tl.load(k + p, mask=m, other=0.).to(tl.float32)).to(kb.dtype.element_ty), mask=m)
     for i_v in range(tl.cdiv(V, BV)):
@@ -87,13 +88,16 @@ def _tile(n: int) -> int:
     return min(128, max(16, triton.next_power_of_2(n)))
 
 
-def bwd_prep(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, x: torch.Tensor, with_kb: bool):
-    """Triton: `(beta * k if with_kb else None, beta * v, x)` in k's, v's and k's dtypes, products in float32.
-    k, x: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]`."""
+def bwd_prep(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, x: torch.Tensor, with_kb: bool,
+             dtype: torch.dtype | None = None):
+    """Triton: `(beta * k if with_kb else None, beta * v, x)` in `dtype` (default: k's, v's and k's dtypes), products in
+    float32; x itself when it has that dtype already. k, x: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]`."""
     K, V = k.shape[-1], v.shape[-1]
-    kb = torch.empty_like(k) if with_kb else None
-    vb, xq = torch.empty_like(v), torch.empty_like(x, dtype=k.dtype)
-    _launch(bwd_prep_kernel, k, k, v, beta, x, kb, vb, xq, K=K, V=V, BK=_tile(K), BV=_tile(V), KB=with_kb)
+    kb = torch.empty_like(k, dtype=dtype or k.dtype) if with_kb else None
+    vb = torch.empty_like(v, dtype=dtype or v.dtype)
+    xq = x if x.dtype == (dtype or k.dtype) else torch.empty_like(x, dtype=dtype or k.dtype)
+    _launch(bwd_prep_kernel, k, k, v, beta, x, kb, vb, xq, K=K, V=V, BK=_tile(K), BV=_tile(V), KB=with_kb,
+            XQ=xq is not x)
     return kb, vb, xq
 
 

@@ -163,6 +163,12 @@ ELEMENTWISE_SCRIPT = textwrap.dedent('''
         assert (kb is None) != kb_too
         if kb_too:
             close(kb, b * k.float(), dtype)
+        # the float32-operand backward: products in float32 and x itself (already float32)
+        kb32, vb32, x32 = bwd_prep(k, v, beta, x, kb_too, torch.float32)
+        close(vb32, b * v.float(), torch.float32)
+        assert x32 is x and (kb32 is None) != kb_too
+        if kb_too:
+            close(kb32, b * k.float(), torch.float32)
         dq, dy, dlamb = bwd_solve(u, x, torch.float32, dtype)
         close(dq, u, torch.float32)
         close(dy, -u, dtype)

@@ -225,6 +225,7 @@ def _bad(**override):
     (dict(cg_tol=0.0), '`cg_tol`'),
     (dict(cg_init='ones'), '`cg_init`'),
     (dict(chunk_size=24), '`chunk_size`'),
+    (dict(fp32_backward='yes'), '`fp32_backward`'),
 ])
 def test_bad_input_names_the_argument(override, match):
     with pytest.raises(ValueError, match=match):

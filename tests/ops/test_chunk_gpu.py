@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mesa_inputs import make_inputs, rel
 
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
@@ -130,6 +131,34 @@ def test_bf16_error_no_worse_than_fla(D, lamb_value):
     ours, fla = rel(o, o_ref), rel(o_fla, o_ref)
     print(f"D={D} lamb={lamb_value}: ours {ours:.2e} fla {fla:.2e} floor {rel(o_ref.bfloat16(), o_ref):.2e}")
     assert ours <= fla
+
+
+def test_bf16_gradients_no_worse_than_fla():
+    """Every gradient of our bf16 forward+backward (float32 operands in the backward's GLA passes, the default) is at
+    least as close to the float64 exact solve's as fla's chunk_mesa_net's, and at least as close as with bf16
+    operands. D=128 only: on a fresh machine fla's backward autotunes for minutes at D=64 (benchmark_mesa.py's
+    `--parts gradients` measures both)."""
+    from fla.ops.mesa_net import chunk_mesa_net
+    B, T, H, D = 1, 2048, 4, 128
+    gen = torch.Generator(device='cuda').manual_seed(3)
+    q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 4.0)
+    beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
+    lamb = torch.ones(H, D, device='cuda')
+    do = torch.randn(B, T, H, D, device='cuda', generator=gen)
+
+    def errs(fn, ref=None, dtype=None):
+        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in (q, k, v, g, beta, lamb)]
+        grads = torch.autograd.grad(fn(*leaves), leaves, do.to(leaves[2].dtype))
+        return grads if ref is None else [rel(a, b) for a, b in zip(grads, ref)]
+    ref = errs(lambda *a: naive_recurrent_mesa(*a)[0], dtype=torch.float64)
+    ours = errs(lambda *a: chunk_mesa(*a, cg_steps=30)[0], ref)
+    bf16_ops = errs(lambda *a: chunk_mesa(*a, cg_steps=30, fp32_backward=False)[0], ref)
+    fla = errs(lambda *a: chunk_mesa_net(*a, max_CG_iteration=30)[0], ref)
+    print('\n' + '\n'.join(f"d{n}: ours {a:.2e} bf16 operands {b:.2e} fla {c:.2e}"
+                           for n, a, b, c in zip(['q', 'k', 'v', 'g', 'beta', 'lamb'], ours, bf16_ops, fla)))
+    assert all(a <= c for a, c in zip(ours, fla)) and all(a <= b for a, b in zip(ours, bf16_ops))
 
 
 def test_ill_conditioned_inputs_stay_finite():
