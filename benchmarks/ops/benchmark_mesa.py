@@ -1,10 +1,12 @@
 """Times chunk_mesa beside fla's chunk_mesa_net, chunk_simple_gla and chunk_gated_delta_rule (one GPU).
 
-Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64 --parts speed accuracy decode]
+Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64
+                                                --parts speed accuracy gradients decode]
 Prints, per head dim, forward and forward+backward medians (triton.testing.do_bench), our time over
 fla's MesaNet at equal CG steps, peak memory of forward+backward, the output error against a float64
-exact solve for fixed steps and tolerances, and decoding tokens/s (eager calls, and CUDA graphs without the
-host's launch overhead). Ratios within one run are what to quote.
+exact solve for fixed steps and tolerances, every gradient's error against the float64 exact solve's, and
+decoding tokens/s (eager calls, and CUDA graphs without the host's launch overhead). Ratios within one run are
+what to quote.
 """
 
 import argparse
@@ -60,7 +62,8 @@ def ops(steps):
         f'chunk_mesa, {steps} CG': lambda *a: mesa(*a, cg_steps=steps),
         **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (lambda *a, tol=tol: mesa(*a, cg_steps=steps, cg_tol=tol))
            for tol in ((1e-2, 1e-3) if steps == 30 else ())},
-        **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True)}
+        **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True),
+            f'chunk_mesa, {steps} CG, fp32_backward=False': lambda *a: mesa(*a, cg_steps=steps, fp32_backward=False)}
            if steps == 30 else {}),
     }, {
         'fla chunk_simple_gla': lambda q, k, v, g, b, l: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
@@ -86,6 +89,31 @@ def accuracy(D, H=4, T=2048, tols=(1e-2, 3e-3, 1e-3, 1e-4)):
         o, _, it = chunk_mesa(q, k, v, g, beta, lamb, cg_steps=30, cg_tol=tol, return_cg_iters=True)
         rows.append((f'chunk_mesa, cg_tol={tol:g}', err(o), it.float().mean().item()))
     return rows
+
+
+def grad_accuracy(D, H=4, T=2048, steps=30):
+    """Relative error of every gradient against the float64 exact solve's, on one sequence with a random output
+    gradient; the first row is each exact gradient rounded to bf16 (the floor for q, k, v)."""
+    from fla.ops.mesa_net import chunk_mesa_net
+    names = ('q', 'k', 'v', 'g', 'beta', 'lamb')
+    inp = [t.detach() for t in inputs(1, T, H, D, False, seed=1)]
+    do = torch.randn(1, T, H, D, device='cuda', generator=torch.Generator(device='cuda').manual_seed(5))
+
+    def grads(fn, dtype=None):
+        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inp]
+        return torch.autograd.grad(fn(*leaves), leaves, do.to(leaves[2].dtype))
+
+    ref = grads(lambda *a: naive_recurrent_mesa(*a)[0], torch.float64)
+
+    def errs(gs):
+        return [((a.double() - b).norm() / b.norm()).item() for a, b in zip(gs, ref)]
+    return names, [
+        ('exact gradient rounded to bf16', errs([r.bfloat16() for r in ref])),
+        (f'fla chunk_mesa_net, {steps} CG', errs(grads(lambda *a: chunk_mesa_net(*a, max_CG_iteration=steps)[0]))),
+        (f'chunk_mesa, {steps} CG', errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps)[0]))),
+        (f'chunk_mesa, {steps} CG, fp32_backward=False',
+         errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps, fp32_backward=False)[0]))),
+    ]
 
 
 def graph_bench(fn):
@@ -159,7 +187,7 @@ def main():
     p.add_argument('--T', type=int, default=2048)
     p.add_argument('--H', type=int, default=16)
     p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
-    parts = ('speed', 'accuracy', 'decode')
+    parts = ('speed', 'accuracy', 'gradients', 'decode')
     p.add_argument('--parts', nargs='+', choices=parts, default=list(parts))
     args = p.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.B} T={args.T} H={args.H} bf16")
@@ -171,6 +199,12 @@ def main():
             print(f"\n| accuracy, B=1 T={args.T} H=4 | rel. error of o vs float64 exact | steps (mean) |\n|---|---|---|")
             for name, e, s in accuracy(D, T=args.T):
                 print(f"| {name} | {e:.2e} | {'' if s is None else f'{s:.1f}'} |")
+        if 'gradients' in args.parts:
+            names, rows = grad_accuracy(D, T=args.T)
+            print(f"\n| gradient accuracy, B=1 T={args.T} H=4, rel. error vs float64 exact | "
+                  + " | ".join('d' + n for n in names) + " |\n|---" * (len(names) + 1) + "|")
+            for name, es in rows:
+                print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in es) + " |")
         if 'decode' in args.parts:
             print(f"\n| decoding, H={args.H}, 30 CG at most | fla tokens/s | ours tokens/s | ratio "
                   "| fla, CUDA graph | ours, CUDA graph | ratio | our mean CG iterations |\n|---|---|---|---|---|---|---|---|")
