@@ -202,7 +202,7 @@ def main():
         if 'gradients' in args.parts:
             names, rows = grad_accuracy(D, T=args.T)
             print(f"\n| gradient accuracy, B=1 T={args.T} H=4, rel. error vs float64 exact | "
-                  + " | ".join('d' + n for n in names) + " |\n|---" * (len(names) + 1) + "|")
+                  + " | ".join('d' + n for n in names) + " |\n" + "|---" * (len(names) + 1) + "|")
             for name, es in rows:
                 print(f"| {name} | " + " | ".join(f"{e:.2e}" for e in es) + " |")
         if 'decode' in args.parts:
