@@ -1,5 +1,6 @@
-"""The Triton CG kernel (with its fused output pass) and the chunk-state kernel, run by Triton's interpreter on the
-CPU, against their PyTorch twins.
+"""The Triton CG kernel (with its fused output pass), the chunk-state kernel and the backward's elementwise kernels,
+run by Triton's interpreter on the CPU, against their PyTorch twins; and the CUDA forward and backward as composed
+(fla's GLA backward primitives, which the interpreter cannot run, replaced by a PyTorch twin) against float64.
 
 The interpreter must be switched on before triton is imported, so the comparison runs in a subprocess.
 """
@@ -192,4 +193,96 @@ def test_backward_elementwise_kernels_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET='1')
     res = subprocess.run([sys.executable, '-c', ELEMENTWISE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+
+
+BACKWARD_SCRIPT = textwrap.dedent('''
+    import math, torch
+    import torch.nn.functional as F
+    from triton.runtime import autotuner
+    autotuner.Autotuner._bench = lambda self, *a, config=None, **k: [0.0, 0.0, 0.0]  # no device to time fla's configs
+    import fla_mesa.ops.chunk as chunk
+    from fla_mesa.ops import naive_recurrent_mesa
+    from fla_mesa.ops.torch_chunk import chunk_output, chunk_states, pad_to_chunks
+    torch.manual_seed(0)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    def torch_gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
+        # fla's three GLA backward primitives (which the interpreter cannot run) as autograd through the PyTorch
+        # twin, in float32 on the operands as passed; it also checks that the caller's states are the right ones
+        B, T, H = g.shape
+        leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        G = (g.detach() * math.log(2)).requires_grad_()  # the chunk-local cumulative gate, natural log
+        s0 = None if h0 is None else h0.detach().float().requires_grad_()
+        with torch.enable_grad():
+            Gp = torch.cat([G, G[:, -1:].expand(B, -T % chunk_size, H)], 1)  # the last chunk's gate continues
+            qp, kp, vp = (pad_to_chunks(t, chunk_size) for t in leaves)
+            states, ht = chunk_states(kp, vp, Gp, s0, chunk_size)
+            assert rel(h, states.detach()) < (1e-5 if v.dtype == torch.float32 else 1e-2), 'wrong states passed'
+            loss = (chunk_output(qp, kp, vp, states, Gp, chunk_size)[:, :T] * do.float()).sum()
+            if dht is not None:
+                loss = loss + (ht * dht.float()).sum()
+            grads = torch.autograd.grad(loss, leaves + [G] + ([s0] if s0 is not None else []), allow_unused=True)
+        dq, dk, dv, dg = (torch.zeros_like(t) if d is None else d for d, t in zip(grads, leaves + [G]))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(do.dtype), dg, (grads[4] if s0 is not None else None)
+    chunk._gla_bwd = torch_gla_bwd
+
+    # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, bounds on the errors of the
+    # gradients in the inputs' dtype and of the float32 ones (g, beta, lamb)): float32 products here (no tf32); bf16
+    # gradients are rounded toward zero by the interpreter, relative error up to 2^-8
+    bf16_errs = {}
+    for T, K, V, dtype, steps, init, final, fp32_bwd, bounds in [
+            (100, 32, 48, torch.float32, 30, True, True, True, (1e-5, 1e-5)),
+            (70, 16, 16, torch.float32, 0, False, True, True, (1e-5, 1e-5)),   # GLA: H's side only for dht_kk
+            (90, 32, 32, torch.bfloat16, 30, False, False, True, (2 ** -8, 1e-5)),
+            (90, 32, 32, torch.bfloat16, 30, False, False, False, (3e-2, 3e-2))]:
+        B, H = 2, 2
+        q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V).to(dtype)
+        g, beta, lamb = -torch.rand(B, T, H) * 0.3, torch.rand(B, T, H), torch.rand(H, K) + 0.25
+        a = torch.randn(B, H, K, K) / K
+        h0 = (a @ a.transpose(-1, -2), torch.randn(B, H, K, V)) if init else (None, None)
+        do = torch.randn(B, T, H, V)
+        dht = (torch.randn(B, H, K, K), torch.randn(B, H, K, V)) if final else (None, None)
+        _, _, _, x, _ = chunk._cuda_fwd(q, k, v, g, beta, lamb, *h0, steps, None, 'jacobi', False, final, None, None, 64)
+        grads = chunk._cuda_bwd(q, k, v, g, beta, lamb, *h0, x, do.to(dtype), *dht, steps, None, 'jacobi', fp32_bwd,
+                                None, None, 64)
+        leaves = [t.double().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+        states = [None if s is None else s.double().requires_grad_() for s in h0]
+        with torch.enable_grad():
+            if steps:
+                o, (hk, hv) = naive_recurrent_mesa(*leaves, initial_state=None if not init else tuple(states),
+                                                   output_final_state=True)
+            else:
+                from fla_mesa.ops import naive_cg_mesa
+                o, (hk, hv) = naive_cg_mesa(*leaves, cg_steps=0, initial_state=None if not init else tuple(states),
+                                            output_final_state=True)
+            loss = (o * do.to(dtype).double()).sum()
+            if final:
+                loss = loss + (hk * dht[0].double()).sum() + (hv * dht[1].double()).sum()
+            ref = torch.autograd.grad(loss, leaves + [s for s in states if s is not None], allow_unused=True)
+        names = ['q', 'k', 'v', 'g', 'beta', 'lamb'] + (['h_kk0', 'h_kv0'] if init else [])
+        ours = list(grads[:6]) + ([grads[6], grads[7]] if init else [])
+        if not steps:  # x = q: lamb takes no part
+            assert ref[5] is None and not grads[5].any()
+            names, ours, ref = names[:5] + names[6:], ours[:5] + ours[6:], ref[:5] + ref[6:]
+        errs = {n: rel(a, b) for n, a, b in zip(names, ours, ref)}
+        print(T, K, V, dtype, steps, fp32_bwd, {n: f'{e:.1e}' for n, e in errs.items()}, flush=True)
+        assert all(e < bounds[n in ('g', 'beta', 'lamb')] for n, e in errs.items()), errs
+        if dtype == torch.bfloat16:
+            bf16_errs[fp32_bwd] = errs
+    assert all(bf16_errs[True][n] < bf16_errs[False][n] for n in bf16_errs[True]), bf16_errs
+    print('OK')
+''')
+
+
+def test_cuda_backward_composition_in_interpreter():
+    """chunk_mesa's CUDA backward (fla's cumsum, our state, CG and elementwise kernels) run by the interpreter on CPU
+    tensors, with fla's GLA backward primitives replaced by a PyTorch twin (the interpreter cannot run them), against
+    the float64 exact solve's gradients: the composition, the signs and the states each pass gets, the cg_steps=0 path
+    with a final-state gradient, and both fp32_backward settings."""
+    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
+    res = subprocess.run([sys.executable, '-c', BACKWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
