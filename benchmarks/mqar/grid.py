@@ -33,9 +33,10 @@ MODEL_COST = {'transformer': 1, 'gla': 1, 'gated_deltanet': 2, 'mesanet': 3, 'me
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', default=','.join(ALL_MODELS))
-    p.add_argument('--mesa-gate-rows', default='mamba_gate',
+    p.add_argument('--mesa-gate-rows', default='mamba_gate,gate_bias3',
                    help="comma list of extra Mesa rows: 'mamba_gate' (--mesa-mamba-gate) and/or 'gate_biasB' "
-                        "(--mesa-gate-bias B); '' for none")
+                        "(--mesa-gate-bias B); '' for none. Default: both long-memory starts that learned the "
+                        "vocab-8192 L=256 cell (benchmarks/RESULTS.md)")
     p.add_argument('--widths', default='64,128,256')
     p.add_argument('--seq-lens', default='256,512,1024')
     p.add_argument('--gpus', help="comma list of CUDA device slots (default: one per visible GPU)")
