@@ -10,6 +10,24 @@ import subprocess
 import sys
 import textwrap
 
+
+def run_in_interpreter(script):
+    """Runs `script` in a fresh process with Triton's interpreter on; it prints OK last when every check held."""
+    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
+    res = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+
+
+# the scripts that run fla's autotuned kernels (its cumsum): no device to time their configurations on
+FLA_PRELUDE = '''
+    import torch
+    from triton.runtime import autotuner
+    autotuner.Autotuner._bench = lambda self, *a, config=None, **k: [0.0, 0.0, 0.0]
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+'''
+
 SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
@@ -79,22 +97,14 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_triton_cg_kernel_matches_pytorch_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    res = subprocess.run([sys.executable, '-c', SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+    run_in_interpreter(SCRIPT)
 
 
-FORWARD_SCRIPT = textwrap.dedent('''
-    import torch
+FORWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     import torch.nn.functional as F
-    from triton.runtime import autotuner
-    autotuner.Autotuner._bench = lambda self, *a, config=None, **k: [0.0, 0.0, 0.0]  # no device to time fla's configs
     from fla_mesa.ops.chunk import _cuda_fwd
     from fla_mesa.ops import naive_cg_mesa, naive_recurrent_mesa
     torch.manual_seed(0)
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
 
     # (T, K, V, cg_steps, lamb lower end, one repeated key, dtype, bound on o's error)
     for T, K, V, steps, lamb_lo, repeat, dtype, bound in [(100, 32, 48, 30, 0.25, False, torch.float32, 1e-5),
@@ -129,9 +139,7 @@ def test_cuda_forward_matches_float64_in_interpreter():
     """chunk_mesa's whole CUDA forward (fla's cumsum, the state kernel, CG with the fused output pass), run by the
     interpreter on CPU tensors, against the float64 exact solve: outputs and final states, including cg_steps=0 and
     an ill-conditioned bf16 input (the interpreter multiplies in full float32, not tf32)."""
-    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
-    res = subprocess.run([sys.executable, '-c', FORWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+    run_in_interpreter(FORWARD_SCRIPT)
 
 
 ELEMENTWISE_SCRIPT = textwrap.dedent('''
@@ -190,24 +198,16 @@ ELEMENTWISE_SCRIPT = textwrap.dedent('''
 def test_backward_elementwise_kernels_in_interpreter():
     """The backward's three fused elementwise kernels against their PyTorch expressions: rows not a multiple of a
     program's, keys over two tiles, with and without the H-side gradients."""
-    env = dict(os.environ, TRITON_INTERPRET='1')
-    res = subprocess.run([sys.executable, '-c', ELEMENTWISE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+    run_in_interpreter(ELEMENTWISE_SCRIPT)
 
 
-BACKWARD_SCRIPT = textwrap.dedent('''
-    import math, torch
+BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
+    import math
     import torch.nn.functional as F
-    from triton.runtime import autotuner
-    autotuner.Autotuner._bench = lambda self, *a, config=None, **k: [0.0, 0.0, 0.0]  # no device to time fla's configs
     import fla_mesa.ops.chunk as chunk
     from fla_mesa.ops import naive_recurrent_mesa
     from fla_mesa.ops.torch_chunk import chunk_output, chunk_states, pad_to_chunks
     torch.manual_seed(0)
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
 
     def torch_gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
         # fla's three GLA backward primitives (which the interpreter cannot run) as autograd through the PyTorch
@@ -283,6 +283,4 @@ def test_cuda_backward_composition_in_interpreter():
     tensors, with fla's GLA backward primitives replaced by a PyTorch twin (the interpreter cannot run them), against
     the float64 exact solve's gradients: the composition, the signs and the states each pass gets, the cg_steps=0 path
     with a final-state gradient, and both fp32_backward settings."""
-    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
-    res = subprocess.run([sys.executable, '-c', BACKWARD_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
+    run_in_interpreter(BACKWARD_SCRIPT)
