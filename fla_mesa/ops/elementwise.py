@@ -41,7 +41,7 @@ def bwd_prep_kernel(k, v, beta, x, kb, vb, xq, N, H: tl.constexpr, K: tl.constex
 
 @triton.jit
 def bwd_solve_kernel(u, x, dq, dy, dlamb, N, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    # dq = u in q's dtype, dy = -u in k's dtype, and this program's rows' share of dlamb = -sum u * x
+    # dq = u and dy = -u, each in its output's dtype, and this program's rows' share of dlamb = -sum u * x
     i_t, i_h, o_t, m_t, row = _rows(N, H, BT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -101,11 +101,11 @@ def bwd_prep(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, x: torch.Tens
     return kb, vb, xq
 
 
-def bwd_solve(u: torch.Tensor, x: torch.Tensor, q_dtype: torch.dtype, k_dtype: torch.dtype):
-    """Triton: `(u in q_dtype, -u in k_dtype, dlamb = -sum over B, T of u * x)`; u, x: `[B, T, H, K]`,
+def bwd_solve(u: torch.Tensor, x: torch.Tensor, q_dtype: torch.dtype, dy_dtype: torch.dtype):
+    """Triton: `(u in q_dtype, -u in dy_dtype, dlamb = -sum over B, T of u * x)`; u, x: `[B, T, H, K]`,
     dlamb: `[H, K]` float32."""
     B, T, H, K = u.shape
-    dq, dy = torch.empty_like(u, dtype=q_dtype), torch.empty_like(u, dtype=k_dtype)
+    dq, dy = torch.empty_like(u, dtype=q_dtype), torch.empty_like(u, dtype=dy_dtype)
     part = u.new_empty(triton.cdiv(B * T, BT), H, K, dtype=torch.float32)
     _launch(bwd_solve_kernel, u, u, x, dq, dy, part, K=K, BK=_tile(K))
     return dq, dy, part.sum(0)
