@@ -87,8 +87,13 @@ def resolve(args) -> dict:
     return cfg
 
 
-def mqar_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=mqar.IGNORE)
+def query_logits(model, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[queries, vocab]` logits at the positions of `mask` only: every position's, at L=1024, vocab 8192 and batch
+    256, would be 8 GiB in float32 for 64 query positions per example. Every model of the zoo is fla-style: `.model`
+    gives the hidden states and `.lm_head` the logits (no logit soft-capping in the zoo's configurations)."""
+    if getattr(model.config, 'final_logit_softcapping', None) is not None:
+        raise ValueError("query_logits does not apply final_logit_softcapping")
+    return model.lm_head(model.model(input_ids=x)[0][mask])
 
 
 @torch.no_grad()
@@ -98,10 +103,10 @@ def accuracy(model, data: mqar.MQARBatch, device, batch_size: int, use_ac: bool)
     for i in range(0, data.inputs.shape[0], batch_size):
         x = data.inputs[i:i + batch_size].to(device)
         y = data.labels[i:i + batch_size].to(device)
-        with common.autocast(device, use_ac):
-            logits = model(input_ids=x).logits
         mask = y != mqar.IGNORE
-        correct += int((logits.argmax(-1)[mask] == y[mask]).sum())
+        with common.autocast(device, use_ac):
+            logits = query_logits(model, x, mask)
+        correct += int((logits.argmax(-1) == y[mask]).sum())
         total += int(mask.sum())
     model.train()
     return correct / max(1, total)
@@ -131,9 +136,10 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
         pos += cfg['batch_size']
         x, y = train.inputs[idx].to(device), train.labels[idx].to(device)
         common.set_lr(opt, common.lr_at(step, cfg['steps'], lr, warmup))
+        mask = y != mqar.IGNORE
         with common.autocast(device, use_ac):
-            logits = model(input_ids=x).logits
-        loss = mqar_loss(logits, y)
+            logits = query_logits(model, x, mask)
+        loss = F.cross_entropy(logits.float(), y[mask])
         common.optimizer_step(model, opt, loss)
         last = loss.item()
         if not math.isfinite(last):

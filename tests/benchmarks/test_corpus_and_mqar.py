@@ -264,6 +264,21 @@ def test_train_mqar_smoke():
     assert r['ok'] and r['model'] == 'mesa+gate_bias3' and r['info']['gate_bias'] == 3.0
 
 
+def test_mqar_query_logits_are_the_full_logits_at_the_queries():
+    tm = load(os.path.join(MQAR, 'train_mqar.py'), 'mqar_train')
+    zoo = load(os.path.join(LM, 'zoo.py'), 'lm_zoo')
+    model, _ = zoo.build_model('mesa', 64, 2, 32, torch.device('cpu'), head_dim=32, cg_steps=5)
+    data = mqar.multiquery_ar(3, 64, 4, 32, seed=0)
+    mask = data.labels != mqar.IGNORE
+    full = model(input_ids=data.inputs).logits
+    got = tm.query_logits(model, data.inputs, mask)
+    assert got.shape == (int(mask.sum()), 32)
+    torch.testing.assert_close(got, full[mask], rtol=1e-6, atol=1e-6)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match='final_logit_softcapping'):
+        tm.query_logits(model, data.inputs, mask)
+
+
 @pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
 def test_train_fsdp_single_process_check(monkeypatch, optimizer):
     for k in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK'):
