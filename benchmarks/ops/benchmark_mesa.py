@@ -1,12 +1,12 @@
 """Times chunk_mesa beside fla's chunk_mesa_net, chunk_simple_gla and chunk_gated_delta_rule (one GPU).
 
 Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64
-                                                --parts speed accuracy gradients decode]
+                                                --parts speed accuracy gradients decode] [--graphs] [--no-baselines]
 Prints, per head dim, forward and forward+backward medians (triton.testing.do_bench), our time over
 fla's MesaNet at equal CG steps, peak memory of forward+backward, the output error against a float64
 exact solve for fixed steps and tolerances, every gradient's error against the float64 exact solve's, and
-decoding tokens/s (eager calls, and CUDA graphs without the host's launch overhead). Ratios within one run are
-what to quote.
+decoding tokens/s (eager calls, and CUDA graphs without the host's launch overhead); with `--graphs`, the
+30-step rows' GPU times from CUDA graphs too. Ratios within one run are what to quote.
 """
 
 import argparse
@@ -58,13 +58,14 @@ def ops(steps):
     def mesa(q, k, v, g, b, l, **kw):
         return chunk_mesa(q, k, v, g, b, l, check_values=kw.pop('check_values', False), **kw)[0]
     return {
-        f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
         f'chunk_mesa, {steps} CG': lambda *a: mesa(*a, cg_steps=steps),
         **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (lambda *a, tol=tol: mesa(*a, cg_steps=steps, cg_tol=tol))
            for tol in ((1e-2, 1e-3) if steps == 30 else ())},
         **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True),
             f'chunk_mesa, {steps} CG, fp32_backward=False': lambda *a: mesa(*a, cg_steps=steps, fp32_backward=False)}
            if steps == 30 else {}),
+        # last: on a fresh machine its backward can autotune for minutes at D=64, after our rows have printed
+        f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
     }, {
         'fla chunk_simple_gla': lambda q, k, v, g, b, l: chunk_simple_gla(q, k, v, g, scale=1.0)[0],
         'fla chunk_gated_delta_rule': lambda q, k, v, g, b, l: chunk_gated_delta_rule(q, k, v, g, b.to(q.dtype))[0],
@@ -156,18 +157,41 @@ def decode(D, H=16, batches=(1, 64), steps=30):
     return rows
 
 
+def graph_timed(fn, args, backward):
+    """`timed`'s time from a CUDA graph of the call (and of its backward): the GPU time without the host's launch
+    overhead, or None where the call cannot be captured."""
+    def run():
+        out = fn(*args)
+        if backward:
+            out.backward(torch.ones_like(out))
+    try:
+        return graph_bench(run)
+    except RuntimeError as e:
+        print(f"(no CUDA graph: {str(e).splitlines()[0][:100]})")
+        return None
+
+
+GRAPHED = ('chunk_mesa, 30 CG', 'chunk_mesa, 30 CG, fp32_backward=False', 'chunk_mesa, 30 CG, cg_tol=0.01',
+           'fla chunk_mesa_net, 30 CG')
+
+
 def speed(D, args):
-    """Forward and forward+backward times and peak memory, and our time over fla's MesaNet."""
+    """Forward and forward+backward times and peak memory, and our time over fla's MesaNet; with `args.graphs`, the
+    30-step rows also from CUDA graphs."""
     print("\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
-    times = {}
+    times, graphed = {}, {}
     for steps in (30, 10):
         mesa, _ = ops(steps)
         for name, fn in mesa.items():
             f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
             fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
             times[name] = (f, fb)
-            print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
-    for name, fn in ops(0)[1].items():
+            print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |", flush=True)
+            if args.graphs and name in GRAPHED:
+                graphed[name] = tuple(graph_timed(fn, inputs(args.B, args.T, args.H, D, b), b) for b in (False, True))
+                print(f"|   the same, CUDA graph | {graphed[name][0] or float('nan'):.2f} | "
+                      f"{graphed[name][1] or float('nan'):.2f} | |", flush=True)
+    for name, fn in ({} if args.no_baselines else ops(0)[1]).items():
         f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
         fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
         print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
@@ -179,6 +203,14 @@ def speed(D, args):
     for tol in (1e-2, 1e-3):
         ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
         print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+    if graphed:
+        fmt = lambda t: 'n/a' if t is None else f'{t:.2f}'  # noqa: E731
+        ratio = lambda a, b: 'n/a' if a is None or b is None else f'{a / b:.2f}'  # noqa: E731
+        fla = graphed.get('fla chunk_mesa_net, 30 CG', (None, None))
+        print("\n| CUDA graph (GPU time), 30 CG at most | fwd ms | fwd+bwd ms | fwd / fla's | fwd+bwd / fla's |"
+              "\n|---|---|---|---|---|")
+        for name, (f, fb) in graphed.items():
+            print(f"| {name} | {fmt(f)} | {fmt(fb)} | {ratio(f, fla[0])} | {ratio(fb, fla[1])} |")
 
 
 def main():
@@ -189,6 +221,8 @@ def main():
     p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
     parts = ('speed', 'accuracy', 'gradients', 'decode')
     p.add_argument('--parts', nargs='+', choices=parts, default=list(parts))
+    p.add_argument('--graphs', action='store_true', help="also time the 30-step rows from CUDA graphs (GPU time)")
+    p.add_argument('--no-baselines', action='store_true', help="skip the GLA, Gated DeltaNet and 0-step rows")
     args = p.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.B} T={args.T} H={args.H} bf16")
     for D in args.dims:
