@@ -189,8 +189,8 @@ def speed(D, args):
             print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |", flush=True)
             if args.graphs and name in GRAPHED:
                 graphed[name] = tuple(graph_timed(fn, inputs(args.B, args.T, args.H, D, b), b) for b in (False, True))
-                print(f"|   the same, CUDA graph | {graphed[name][0] or float('nan'):.2f} | "
-                      f"{graphed[name][1] or float('nan'):.2f} | |", flush=True)
+                print("|   the same, CUDA graph | " + " | ".join('n/a' if t is None else f'{t:.2f}' for t in graphed[name])
+                      + " | |", flush=True)
     for name, fn in ({} if args.no_baselines else ops(0)[1]).items():
         f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
         fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
@@ -204,13 +204,13 @@ def speed(D, args):
         ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
         print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     if graphed:
-        fmt = lambda t: 'n/a' if t is None else f'{t:.2f}'  # noqa: E731
-        ratio = lambda a, b: 'n/a' if a is None or b is None else f'{a / b:.2f}'  # noqa: E731
+        def fmt(t, over=1.0):  # 'n/a' where a graph could not be captured
+            return 'n/a' if t is None or over is None else f'{t / over:.2f}'
         fla = graphed.get('fla chunk_mesa_net, 30 CG', (None, None))
         print("\n| CUDA graph (GPU time), 30 CG at most | fwd ms | fwd+bwd ms | fwd / fla's | fwd+bwd / fla's |"
               "\n|---|---|---|---|---|")
         for name, (f, fb) in graphed.items():
-            print(f"| {name} | {fmt(f)} | {fmt(fb)} | {ratio(f, fla[0])} | {ratio(fb, fla[1])} |")
+            print(f"| {name} | {fmt(f)} | {fmt(fb)} | {fmt(f, fla[0])} | {fmt(fb, fla[1])} |")
 
 
 def main():
