@@ -34,11 +34,17 @@ def inputs(B, T, H, D, requires_grad, seed=0):
     return [t.requires_grad_(requires_grad) for t in ts]
 
 
-def timed(fn, args, backward):
+def call(fn, args, backward):
+    """One call of `fn(*args)`, and of its backward with all-ones output gradients if `backward`."""
     def run():
         out = fn(*args)
         if backward:
             out.backward(torch.ones_like(out))
+    return run
+
+
+def timed(fn, args, backward):
+    run = call(fn, args, backward)
     run()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -160,12 +166,8 @@ def decode(D, H=16, batches=(1, 64), steps=30):
 def graph_timed(fn, args, backward):
     """`timed`'s time from a CUDA graph of the call (and of its backward): the GPU time without the host's launch
     overhead, or None where the call cannot be captured."""
-    def run():
-        out = fn(*args)
-        if backward:
-            out.backward(torch.ones_like(out))
     try:
-        return graph_bench(run)
+        return graph_bench(call(fn, args, backward))
     except RuntimeError as e:
         print(f"(no CUDA graph: {str(e).splitlines()[0][:100]})")
         return None
