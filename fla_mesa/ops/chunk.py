@@ -6,9 +6,11 @@ value beta * v while x is on chip. Backward: dx = S_t do_t and the S-side gradie
 diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
 gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
 through the CG iterations: the gradients are those of the exact solve.
-On CUDA the backward's GLA passes are fla's Triton primitives, run on the float32 chunk states of our state kernel
-(the solve's own, for H's side), and its casts and sums are our `elementwise` kernels; elsewhere every pass is
-`torch_chunk`'s PyTorch twin.
+On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh`, on the float32 chunk states of our
+state kernel (the solve's own, for H's side). The per-chunk gradients come from our `gla_backward` kernels (the default
+`fp32_backward`: half-precision operands read as they are, float32 products, H's side added in place), or from fla's
+`chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs' dtype with our `elementwise` casts and sums around them
+(`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s PyTorch twin.
 """
 
 import torch
@@ -16,6 +18,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
+from fla_mesa.ops.gla_backward import chunk_gla_bwd
 from fla_mesa.ops.states import chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
@@ -110,14 +113,21 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
 def _gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
     """fla's `chunk_simple_gla_bwd` on chunk states `h` [B, NT, H, K, V] float32 that the caller already has, instead
     of recomputing them (fla has no entry point that takes them): returns dq, dk, dv, dg (chunk-local), dh0."""
-    from fla.ops.common.chunk_h import chunk_bwd_dh
     from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv
 
     common = dict(g=g, g_gamma=None, scale=1.0, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
-    dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, states_in_fp32=True, **common)
+    dh, dh0 = _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size)
     dq, dk, _, dg = chunk_bwd_dqkwg(q=q, k=k, v=v, do=do, h=h, dh=dh, chunk_indices=chunk_indices, **common)
     dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, chunk_indices=chunk_indices, **common)
     return dq, dk, dv, dg, dh0
+
+
+def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size):
+    """fla's `chunk_bwd_dh`: the float32 gradients of the chunk-end states [B, NT, H, K, V] and of h0. It casts do to
+    q's dtype itself, so x (float32) with half-precision do needs no copy; k and v give only the shapes."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh
+    return chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, scale=1.0, g=g, cu_seqlens=cu_seqlens,
+                        chunk_size=chunk_size, states_in_fp32=True)
 
 
 def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, fp32_backward,
@@ -127,31 +137,49 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
 
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     through_h = cg_steps > 0 or dht_kk is not None
-    # the GLA backward passes' operands: float32 (x as saved, tf32 products), or the inputs' dtype
-    dtype = torch.float32 if fp32_backward else k.dtype
-    kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h, dtype=dtype)
-    kq, doq = k.to(dtype), do.to(dtype)
     varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     # the forward's float32 chunk states again (from float32 beta * v and beta * k, as the forward used them)
     h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **varlen)
-    dx, dk_s, dvb, dg, dh0_kv = _gla_bwd(xq, kq, vb, h_kv, h0_kv, doq, dht_kv, gc, **varlen)
-    del vb, h_kv, doq  # here and below: each temporary goes as soon as it is used, for the peak memory
+    if fp32_backward:
+        dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size)
+        dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
+        del h_kv, dh_kv  # here and below: each temporary goes as soon as it is used, for the peak memory
+    else:  # fla's GLA backward passes on operands in the inputs' dtype
+        kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
+        dx, dk_s, dvb, dg, dh0_kv = _gla_bwd(xq, k, vb, h_kv, h0_kv, do, dht_kv, gc, **varlen)
+        del vb, h_kv
     h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **varlen)[0] if through_h else None
+    # H's side (the solve's states serve it too) has "output gradient" -u; without CG steps it runs only for a
+    # final-state gradient, with u = 0. fp32_backward's pass takes u itself: the pass of +u and -dht, negated
+    dy_dtype = None if fp32_backward else k.dtype
     if cg_steps == 0:
         dq, dlamb = dx, torch.zeros_like(lamb, dtype=torch.float32)
-        dy = torch.zeros_like(xq) if through_h else None  # H's side runs only for a final-state gradient
+        dy = torch.zeros_like(x, dtype=dy_dtype or x.dtype) if through_h else None
     else:
         u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
                                  cu_seqlens, chunk_indices, chunk_size)
         del dx
-        dq, dy, dlamb = bwd_solve(u, x, q.dtype, dtype)
+        dq, dy, dlamb = bwd_solve(u, x, q.dtype, dy_dtype)
+        dy = u if fp32_backward else dy
         del u
-    dk_h = dkb = dh0_kk = None
-    if through_h:  # the solve's states serve H's GLA backward too
-        _, dk_h, dkb, dg_h, dh0_kk = _gla_bwd(xq, kq, kb, h_kk, h0_kk, dy, dht_kk, gc, **varlen)
-        dg = dg + dg_h
-    del h_kk, kb, xq, kq, dy
-    dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
+    dh0_kk = None
+    if fp32_backward:
+        if through_h:
+            dh_u, dh0_u = _state_grads(x, k, k, dy, h0_kk, None if dht_kk is None else -dht_kk, gc, cu_seqlens,
+                                       chunk_size)
+            chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True, with_dq=False,
+                          **varlen)
+            dh0_kk = None if dh0_u is None else -dh0_u
+        B, T, H = beta.shape
+        dg, dbeta = dg.sum(0).view(B, T, H), dbeta.sum(0).view(B, T, H)
+    else:
+        dk_h = dkb = None
+        if through_h:
+            _, dk_h, dkb, dg_h, dh0_kk = _gla_bwd(xq, k, kb, h_kk, h0_kk, dy, dht_kk, gc, **varlen)
+            dg = dg + dg_h
+        del kb, xq
+        dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
+    del h_kk, dy
     dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
 
@@ -258,9 +286,9 @@ def chunk_mesa(
         fp32_backward (bool): on CUDA with half-precision inputs, run the backward's two GLA passes (fla's Triton
             primitives) on float32 operands (tf32 products) instead of the inputs' dtype. With bf16 inputs at D=128
             on an H100 it takes every gradient's error against the float64 exact solve below fla's
-            `chunk_mesa_net`'s (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the bf16 floor is 1.7e-3), for 1.25x
-            the forward+backward GPU time at D=128 and at D=64, and 0.5 / 0.25 GiB more peak memory, at B=8,
-            T=2048, H=16 (benchmarks/RESULTS.md).
+            `chunk_mesa_net`'s (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the bf16 floor is 1.7e-3), for 1.13x
+            (D=128) and 1.29x (D=64) the forward+backward GPU time of `False`, and 0.19 / 0.09 GiB less peak
+            memory, at B=8, T=2048, H=16 on an H100 (benchmarks/RESULTS.md).
             No effect on float32 inputs, nor off CUDA (the PyTorch path computes in float32 or float64).
             Default: True.
 
@@ -272,8 +300,8 @@ def chunk_mesa(
     Precision: the chunk states of H and G, every CG vector (x, r, p, residual norms) and the output
     product are float32 whatever the input dtype (float64 for float64 inputs off CUDA); final states are
     float32. On CUDA the products run on tf32 tensor cores (unit roundoff 2^-11), as in fla's chunk
-    primitives; the backward's GLA passes take float32 operands, or with `fp32_backward=False` x, -u, k,
-    beta * k, beta * v and do in the input dtype.
+    primitives; the backward's GLA passes multiply in float32 (half-precision k, v and do read as they are), or
+    with `fp32_backward=False` take x, -u, k, beta * k, beta * v and do in the input dtype.
     """
     B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init,
                                     check_values)

@@ -3,7 +3,8 @@
 In PyTorch it was about twenty launches of casts, products and sums over `[B, T, H, K]` tensors (about 2.3 of the
 15.3 GPU ms of a forward+backward at D=128 on an H100, benchmarks/RESULTS.md). Each kernel here reads its inputs
 once, works in float32 and writes each result once, in its final dtype. Every tensor is contiguous `[B, T, H, *]`;
-a program takes `BT` rows (tokens, over B * T) of one head.
+a program takes `BT` rows (tokens, over B * T) of one head. `bwd_prep` and `bwd_combine` serve `fp32_backward=False`
+only (the default's `gla_backward` kernels need neither); `bwd_solve` serves both.
 """
 
 import torch
@@ -40,8 +41,9 @@ def bwd_prep_kernel(k, v, beta, x, kb, vb, xq, N, H: tl.constexpr, K: tl.constex
 
 
 @triton.jit
-def bwd_solve_kernel(u, x, dq, dy, dlamb, N, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    # dq = u and dy = -u, each in its output's dtype, and this program's rows' share of dlamb = -sum u * x
+def bwd_solve_kernel(u, x, dq, dy, dlamb, N, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                     DY: tl.constexpr):
+    # dq = u and (if DY) dy = -u, each in its output's dtype, and this program's rows' share of dlamb = -sum u * x
     i_t, i_h, o_t, m_t, row = _rows(N, H, BT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -50,7 +52,8 @@ def bwd_solve_kernel(u, x, dq, dy, dlamb, N, H: tl.constexpr, K: tl.constexpr, B
         b_u = tl.load(u + p, mask=m, other=0.).to(tl.float32)
         b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
         tl.store(dq + p, b_u.to(dq.dtype.element_ty), mask=m)
-        tl.store(dy + p, (-b_u).to(dy.dtype.element_ty), mask=m)
+        if DY:
+            tl.store(dy + p, (-b_u).to(dy.dtype.element_ty), mask=m)
         tl.store(dlamb + (i_t * H + i_h) * K + o_k, -tl.sum(b_u * b_x, 0), mask=m_k)
 
 
@@ -88,26 +91,26 @@ def _tile(n: int) -> int:
     return min(128, max(16, triton.next_power_of_2(n)))
 
 
-def bwd_prep(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, x: torch.Tensor, with_kb: bool,
-             dtype: torch.dtype | None = None):
-    """Triton: `(beta * k if with_kb else None, beta * v, x)` in `dtype` (default: k's, v's and k's dtypes), products in
-    float32; x itself when it has that dtype already. k, x: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]`."""
+def bwd_prep(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, x: torch.Tensor, with_kb: bool):
+    """Triton: `(beta * k if with_kb else None, beta * v, x)` in k's, v's and k's dtypes, products in float32; x itself
+    when it has k's dtype already. k, x: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]`."""
     K, V = k.shape[-1], v.shape[-1]
-    kb = torch.empty_like(k, dtype=dtype or k.dtype) if with_kb else None
-    vb = torch.empty_like(v, dtype=dtype or v.dtype)
-    xq = x if x.dtype == (dtype or k.dtype) else torch.empty_like(x, dtype=dtype or k.dtype)
+    kb = torch.empty_like(k) if with_kb else None
+    vb = torch.empty_like(v)
+    xq = x if x.dtype == k.dtype else torch.empty_like(x, dtype=k.dtype)
     _launch(bwd_prep_kernel, k, k, v, beta, x, kb, vb, xq, K=K, V=V, BK=_tile(K), BV=_tile(V), KB=with_kb,
             XQ=xq is not x)
     return kb, vb, xq
 
 
-def bwd_solve(u: torch.Tensor, x: torch.Tensor, q_dtype: torch.dtype, dy_dtype: torch.dtype):
-    """Triton: `(u in q_dtype, -u in dy_dtype, dlamb = -sum over B, T of u * x)`; u, x: `[B, T, H, K]`,
-    dlamb: `[H, K]` float32."""
+def bwd_solve(u: torch.Tensor, x: torch.Tensor, q_dtype: torch.dtype, dy_dtype: torch.dtype | None):
+    """Triton: `(u in q_dtype, -u in dy_dtype (None without dy_dtype), dlamb = -sum over B, T of u * x)`; u, x:
+    `[B, T, H, K]`, dlamb: `[H, K]` float32."""
     B, T, H, K = u.shape
-    dq, dy = torch.empty_like(u, dtype=q_dtype), torch.empty_like(u, dtype=dy_dtype)
+    dq = torch.empty_like(u, dtype=q_dtype)
+    dy = None if dy_dtype is None else torch.empty_like(u, dtype=dy_dtype)
     part = u.new_empty(triton.cdiv(B * T, BT), H, K, dtype=torch.float32)
-    _launch(bwd_solve_kernel, u, u, x, dq, dy, part, K=K, BK=_tile(K))
+    _launch(bwd_solve_kernel, u, u, x, dq, dy, part, K=K, BK=_tile(K), DY=dy is not None)
     return dq, dy, part.sum(0)
 
 

@@ -172,16 +172,14 @@ ELEMENTWISE_SCRIPT = textwrap.dedent('''
         assert (kb is None) != kb_too
         if kb_too:
             close(kb, b * k.float(), dtype)
-        # the float32-operand backward: products in float32 and x itself (already float32)
-        kb32, vb32, x32 = bwd_prep(k, v, beta, x, kb_too, torch.float32)
-        close(vb32, b * v.float(), torch.float32)
-        assert x32 is x and (kb32 is None) != kb_too
-        if kb_too:
-            close(kb32, b * k.float(), torch.float32)
         dq, dy, dlamb = bwd_solve(u, x, torch.float32, dtype)
         close(dq, u, torch.float32)
         close(dy, -u, dtype)
         torch.testing.assert_close(dlamb, -(u * x).sum((0, 1)), rtol=1e-5, atol=1e-5)
+        dq2, none, dlamb2 = bwd_solve(u, x, dtype, None)  # without dy (the float32 backward's)
+        assert none is None
+        close(dq2, u, dtype)
+        torch.testing.assert_close(dlamb2, dlamb, rtol=0, atol=0)
         if not kb_too:
             dk_h = dkb = None
         dk, dv, dbeta = bwd_combine(k, v, beta, dk_s, dk_h, dkb, dvb)
@@ -228,6 +226,22 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         dq, dk, dv, dg = (torch.zeros_like(t) if d is None else d for d, t in zip(grads, leaves + [G]))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(do.dtype), dg, (grads[4] if s0 is not None else None)
     chunk._gla_bwd = torch_gla_bwd
+
+    def torch_state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size):
+        # fla's chunk_bwd_dh (nor can the interpreter run it), in float64: dh[:, c] is the gradient of chunk c's end
+        # state, back through the chunks from dht; the last value, that of the initial state
+        assert cu_seqlens is None
+        B, T, H, K = q.shape
+        NT = -(-T // chunk_size)
+        dh = torch.empty(B, NT, H, K, do.shape[-1], dtype=torch.float64)
+        run = torch.zeros_like(dh[:, 0]) if dht is None else dht.double()
+        for c in reversed(range(NT)):
+            t = slice(c * chunk_size, (c + 1) * chunk_size)
+            dh[:, c], gc = run, g[:, t].double()
+            run = torch.exp2(gc[:, -1])[..., None, None] * run + torch.einsum(
+                'bth,bthk,bthv->bhkv', torch.exp2(gc), q[:, t].double(), do[:, t].double())
+        return dh.float(), (run.float() if h0 is not None else None)
+    chunk._state_grads = torch_state_grads
 
     # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, bounds on the errors of the
     # gradients in the inputs' dtype and of the float32 ones (g, beta, lamb)): float32 products here (no tf32); bf16
@@ -279,8 +293,85 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
 
 
 def test_cuda_backward_composition_in_interpreter():
-    """chunk_mesa's CUDA backward (fla's cumsum, our state, CG and elementwise kernels) run by the interpreter on CPU
-    tensors, with fla's GLA backward primitives replaced by a PyTorch twin (the interpreter cannot run them), against
+    """chunk_mesa's CUDA backward (fla's cumsum, our state, CG, GLA-gradient and elementwise kernels) run by the
+    interpreter on CPU tensors, with fla's GLA backward primitives replaced by PyTorch twins (the interpreter cannot
+    run them), against
     the float64 exact solve's gradients: the composition, the signs and the states each pass gets, the cg_steps=0 path
     with a final-state gradient, and both fp32_backward settings."""
     run_in_interpreter(BACKWARD_SCRIPT)
+
+
+GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
+    import math
+    from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
+    from fla.ops.utils.constant import RCP_LN2
+    from fla_mesa.ops.gla_backward import chunk_gla_bwd
+    torch.manual_seed(0)
+
+    def reference(q, k, v, beta, do, h, dh, G, chunks):
+        # float64 autograd of sum <o, do> + sum_c <chunk-end state_c, dh_c>, chunk by chunk, the chunk-start states
+        # h given (constants); value beta * v, G the natural-log chunk-local cumulative gate
+        leaves = [t.double().requires_grad_() for t in (q, k, v, beta, G)]
+        q_, k_, v_, b_, G_ = leaves
+        loss = 0.
+        with torch.enable_grad():
+            for b, t0, t1, c in chunks:
+                sl = (b, slice(t0, t1))
+                qc, kc, wc, Gc = q_[sl], k_[sl], v_[sl] * b_[sl][..., None], G_[sl]
+                hc, dhc = h[b, c].double(), dh[b, c].double()
+                dec = torch.exp(Gc[:, None] - Gc[None]).permute(2, 0, 1)  # [H, t, s]
+                A = torch.einsum('thk,shk->hts', qc, kc) * dec.tril()
+                o = torch.einsum('th,thk,hkv->thv', Gc.exp(), qc, hc) + torch.einsum('hts,shv->thv', A, wc)
+                end = Gc[-1].exp()[:, None, None] * hc + torch.einsum('sh,shk,shv->hkv', (Gc[-1] - Gc).exp(), kc, wc)
+                loss = loss + (o * do[sl].double()).sum() + (end * dhc).sum()
+            return torch.autograd.grad(loss, leaves)
+
+    for B, T, H, K, V, dtype, varlen, C in [(2, 100, 2, 32, 48, torch.float32, False, 64),
+                                            (1, 90, 2, 80, 40, torch.bfloat16, True, 32),
+                                            (2, 70, 1, 128, 128, torch.bfloat16, False, 64)]:
+        bounds = [0, 23, 51, T] if varlen else [0, T]
+        cu = torch.tensor(bounds) if varlen else None
+        idx = prepare_chunk_indices(cu, C) if varlen else None
+        if varlen:
+            starts = [(t0, min(t0 + C, e)) for s, e in zip(bounds, bounds[1:]) for t0 in range(s, e, C)]
+            chunks = [(0, t0, t1, c) for c, (t0, t1) in enumerate(starts)]
+        else:
+            chunks = [(b, t0, min(t0 + C, T), i) for b in range(B) for i, t0 in enumerate(range(0, T, C))]
+        NT = len(chunks) // B
+        x = torch.randn(B, T, H, K)                                   # the solve's x: float32
+        k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype)
+        v = torch.randn(B, T, H, V).to(dtype)
+        beta = torch.rand(B, T, H)
+        do = torch.randn(B, T, H, V).to(dtype)
+        u = torch.randn(B, T, H, K)                                   # H's side: output gradient -u, float32
+        gc = chunk_local_cumsum(-torch.rand(B, T, H) * 0.3, chunk_size=C, scale=RCP_LN2, cu_seqlens=cu,
+                                chunk_indices=idx)
+        h_kv, dh_kv = torch.randn(B, NT, H, K, V), torch.randn(B, NT, H, K, V)
+        h_kk, dh_u = torch.randn(B, NT, H, K, K), torch.randn(B, NT, H, K, K)   # dh_u: the state gradients of +u
+        G = gc * math.log(2)
+        ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv, dh_kv, G, chunks)
+        ref_h = reference(x, k.float(), k.float(), beta, u, h_kk, dh_u, G, chunks)
+        kw = dict(cu_seqlens=cu, chunk_indices=idx, chunk_size=C)
+        dq, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
+        first = {'q': rel(dq, ref_s[0]), 'k': rel(dk, ref_s[1]), 'v': rel(dv.float(), ref_s[2]),
+                 'beta': rel(dbeta.sum(0).view(B, T, H), ref_s[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4])}
+        # H's side on the same buffers: gradients of -u added, v's (k's) added to dk
+        none, dv2, dk2, dg2, dbeta2 = chunk_gla_bwd(x, k, k, beta, u, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta),
+                                                    negate=True, with_dq=False, **kw)
+        assert none is None and dv2 is dk2 is dk and dg2 is dg and dbeta2 is dbeta
+        both = {'k': rel(dk, ref_s[1] - ref_h[1] - ref_h[2]), 'beta': rel(dbeta.sum(0).view(B, T, H),
+                ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4])}
+        print(B, T, H, K, V, dtype, varlen, {n: f'{e:.1e}' for n, e in first.items()},
+              {n: f'{e:.1e}' for n, e in both.items()}, flush=True)
+        # float32 products here; dv is stored in v's dtype (bf16: relative rounding up to 2^-8 in the interpreter)
+        assert all(e < (2 ** -8 if n == 'v' and dtype != torch.float32 else 1e-5) for n, e in first.items()), first
+        assert all(e < 1e-5 for e in both.values()), both
+    print('OK')
+''')
+
+
+def test_gla_backward_kernels_in_interpreter():
+    """The backward's per-chunk GLA gradient kernels against float64 autograd of the chunk equations, given the
+    states and state gradients: float32 and bf16 operands, T not a multiple of the chunk, varlen, K and V over two
+    tiles and unequal; then H's side (gradients of -u) added in place onto S's buffers."""
+    run_in_interpreter(GLA_BWD_SCRIPT)

@@ -1,0 +1,209 @@
+"""The GLA backward's per-chunk gradients on half-precision operands with float32 products, both sides in place.
+
+The backward's two GLA passes (S's: query x, key k, value beta * v, output gradient do; H's: value beta * k, output
+gradient -u) need float32 products for gradients as accurate as fla's MesaNet's (benchmarks/RESULTS.md), and fla's
+`chunk_bwd_dqkwg` / `chunk_bwd_dv` multiply their operands in the operands' own dtype, so with fla they took float32
+copies of k, beta * k, beta * v and do in memory. These two kernels read each operand in its own dtype (bf16 k, v, do;
+float32 x, u and states), form beta * v in registers, multiply in float32 (tf32 tensor cores) and add H's side's
+gradients into S's buffers, so no copy and no partial gradient of one side is kept. fla's `chunk_bwd_dh` still gives
+the state gradients: it already casts do to x's dtype itself.
+
+Per chunk of BT tokens (t, s in the chunk, s <= t), with G the chunk-local cumulative log2 gate, w = beta * value, h
+the chunk-start state and dh the gradient of the chunk-end state:
+    dq_t = 2^G_t h do_t + sum_s 2^(G_t - G_s) (do_t . w_s) k_s
+    dk_s = 2^(G_last - G_s) dh w_s + sum_t 2^(G_t - G_s) (do_t . w_s) q_t
+    dw_s = 2^(G_last - G_s) dh^T k_s + sum_t 2^(G_t - G_s) (q_t . k_s) do_t
+    dG_t = q_t . dq_t - k_t . dk_t (+ 2^G_last <h, dh> + sum_s k_s . dk_s^(state part) at the chunk's last token),
+the gradient with respect to the natural-log chunk-local cumulative gate, as fla's.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # (this chunk's index into the states, its first row, its sequence's length, its start within the sequence)
+    if IS_VARLEN:
+        i_tg = i_t
+        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        i_tg = i_b * tl.cdiv(T, BT) + i_t
+        bos = (i_b * T).to(tl.int64)
+    return i_tg, bos, T, i_t * BT
+
+
+@triton.jit(do_not_specialize=['T'])
+def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, STORE_DQ: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
+    # one program: BK key columns of one chunk of one head; dq, dk [rows, BK] and this block's share of dG
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg, bos, T, t0 = _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    o_t = t0 + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t, m_k = o_t < T, o_k < K
+    row = (bos + o_t) * H + i_h
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_tk = row[:, None] * K + o_k[None, :]
+    p_state = (i_tg * H + i_h).to(tl.int64) * K * V
+
+    b_g = tl.load(gc + row, mask=m_t, other=0.)
+    b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
+    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tv = row[:, None] * V + o_v[None, :]
+        b_w = tl.load(w_src + p_tv, mask=m_tv, other=0.).to(tl.float32) * b_beta[:, None]
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        p_kv = p_state + o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_h = tl.load(h + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        b_hdh += tl.sum(b_h * b_dh, 1)
+        b_ds += tl.dot(b_do, tl.trans(b_w))
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dk += tl.dot(b_w, tl.trans(b_dh))
+
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+    b_dq *= tl.exp2(b_g)[:, None]
+    b_dk *= tl.where(m_t, tl.exp2(b_g_last - b_g), 0.)[:, None]
+    b_dg_last = tl.sum(b_hdh) * tl.exp2(b_g_last) + tl.sum(b_dk * b_k)
+    m_ts = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_ds = tl.where(m_ts, b_ds * tl.exp2(tl.where(m_ts, b_g[:, None] - b_g[None, :], 0.)), 0.)
+    b_dq += tl.dot(b_ds, b_k)
+    b_dk += tl.dot(tl.trans(b_ds), b_q)
+    b_dg = tl.sum(b_dq * b_q, 1) - tl.sum(b_dk * b_k, 1)
+    b_dg = tl.where(o_t == tl.minimum(t0 + BT, T) - 1, b_dg + b_dg_last, b_dg)
+    if NEGATE:
+        b_dq, b_dk, b_dg = -b_dq, -b_dk, -b_dg
+    if STORE_DQ:
+        tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    p_dg = dg + i_k * n_rows + row
+    if ACCUMULATE:
+        b_dk += tl.load(dk + p_tk, mask=m_tk, other=0.)
+        b_dg += tl.load(p_dg, mask=m_t, other=0.)
+    tl.store(dk + p_tk, b_dk, mask=m_tk)
+    tl.store(p_dg, b_dg, mask=m_t)
+
+
+@triton.jit(do_not_specialize=['T'])
+def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # one program: BV value columns of one chunk of one head. dw, the gradient of w = beta * w_src, goes out as
+    # beta * dw, the gradient of w_src (stored, or added to dw_out), and as this block's share of
+    # dbeta = sum_V dw * w_src (added to dbeta)
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_tg, bos, T, t0 = _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    o_t = t0 + tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t, m_v = o_t < T, o_v < V
+    row = (bos + o_t) * H + i_h
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = row[:, None] * V + o_v[None, :]
+    p_state = (i_tg * H + i_h).to(tl.int64) * K * V
+
+    b_g = tl.load(gc + row, mask=m_t, other=0.)
+    b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
+    b_dw = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)  # b_a[s, t] = k_s . q_t
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = row[:, None] * K + o_k[None, :]
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_dh = tl.load(dh + p_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                       other=0.).to(tl.float32)
+        b_dw += tl.dot(b_k, b_dh)
+        b_a += tl.dot(b_k, tl.trans(b_q))
+    b_dw *= tl.where(m_t, tl.exp2(b_g_last - b_g), 0.)[:, None]
+    m_st = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    b_a = tl.where(m_st, b_a * tl.exp2(tl.where(m_st, b_g[None, :] - b_g[:, None], 0.)), 0.)
+    b_dw += tl.dot(b_a, tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32))
+    if NEGATE:
+        b_dw = -b_dw
+    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+    b_src = tl.load(w_src + p_tv, mask=m_tv, other=0.).to(tl.float32)
+    b_dsrc = b_beta[:, None] * b_dw
+    b_db = tl.sum(b_dw * b_src, 1)
+    p_db = dbeta + i_v * n_rows + row
+    b_db += tl.load(p_db, mask=m_t, other=0.)  # zeros from the first call: the two sides' V blocks may differ
+    if ACCUMULATE:
+        b_dsrc += tl.load(dw_out + p_tv, mask=m_tv, other=0.).to(tl.float32)
+    tl.store(dw_out + p_tv, b_dsrc.to(dw_out.dtype.element_ty), mask=m_tv)
+    tl.store(p_db, b_db, mask=m_t)
+
+
+def _tile(n: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(n)))
+
+
+def chunk_gla_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    do: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    gc: torch.Tensor,
+    acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    negate: bool = False,
+    with_dq: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+):
+    r"""Triton: the per-chunk gradients of the GLA pass o = GLA(query q, key k, value beta * v), float32 products.
+
+    Args:
+        q: `[B, T, H, K]` (x, float32). k: `[B, T, H, K]`. v: the value's source `[B, T, H, V]`. beta: `[B, T, H]`.
+        do: the output gradient `[B, T, H, V]`. Any float dtypes.
+        h: chunk-start states `[B, NT, H, K, V]` float32; dh: the gradients of the chunk-end states, same shape
+            (fla's `chunk_bwd_dh`). gc: the chunk-local cumulative log2 gate `[B, T, H]` float32.
+        acc: None, or `(dv, dk, dg, dbeta)` of an earlier call: this pass's gradients are added to them in place, v's
+            gradient to `dv` (pass the earlier `dk` as `dv` when v is k).
+        negate: return the gradients of -do (the caller passes dh of -do as well).
+        with_dq: compute q's gradient.
+    Returns:
+        `(dq, dv, dk, dg, dbeta)`: dq `[B, T, H, K]` float32 or None; dv, v's gradient `beta * dw` (new, in v's dtype,
+        or `acc`'s); dk `[B, T, H, K]` float32; dg `[NK, B * T * H]` float32, the gradient of the natural-log
+        chunk-local cumulative gate in sums over key blocks; dbeta `[NV, B * T * H]` float32 in sums over value
+        blocks (take `.sum(0)` of both).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BT, BK, BV = chunk_size, _tile(K), _tile(V)
+    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(chunk_indices)
+    n_rows = B * T * H
+    if acc is None:
+        dv = torch.empty_like(v)
+        dk = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
+        dg = torch.empty(triton.cdiv(K, BK), n_rows, dtype=torch.float32, device=k.device)
+        dbeta = torch.zeros(triton.cdiv(max(K, V), BV), n_rows, dtype=torch.float32, device=k.device)
+    else:
+        dv, dk, dg, dbeta = acc
+    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V, BT=BT,
+                  BK=BK, BV=BV, NEGATE=negate, IS_VARLEN=cu_seqlens is not None, num_warps=8)
+    gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](q, k, v, beta, do, h, dh, gc, dq, dk, dg,
+                                                          STORE_DQ=with_dq, ACCUMULATE=acc is not None, **common)
+    gla_bwd_dw_kernel[(triton.cdiv(V, BV), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
+                                                       ACCUMULATE=acc is not None, **common)
+    return dq, dv, dk, dg, dbeta
