@@ -73,8 +73,8 @@ class MesaAttention(nn.Module):
         cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`). Default: `None`.
         cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`. Default: `'jacobi'`.
         fp32_backward (bool): `chunk_mesa`'s option: float32 operands in the backward's GLA passes on CUDA, for
-            gradients more accurate than fla's MesaNet's; `False` is faster (0.88x the op's forward+backward GPU
-            time at D=128, 0.78x at D=64) but needs more memory, with bf16 gradient errors 1.3-1.8x fla's.
+            gradients more accurate than fla's MesaNet's; `False` is faster (about 0.9x the op's forward+backward
+            GPU time at D=128 and 64) but needs more memory, with bf16 gradient errors 1.3-1.8x fla's.
             Default: `True`.
         layer_idx (int): index of the layer in the model (needed with a cache). Default: `None`.
         norm_eps (float): epsilon of the output norm. Default: 1e-5.

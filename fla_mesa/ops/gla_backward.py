@@ -201,7 +201,7 @@ def chunk_gla_bwd(
         dv, dk, dg, dbeta = acc
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V, BT=BT,
-                  BK=BK, BV=BV, NEGATE=negate, IS_VARLEN=cu_seqlens is not None, num_warps=8)
+                  BK=BK, BV=BV, NEGATE=negate, IS_VARLEN=cu_seqlens is not None, num_warps=4)
     gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](q, k, v, beta, do, h, dh, gc, dq, dk, dg,
                                                           STORE_DQ=with_dq, ACCUMULATE=acc is not None, **common)
     gla_bwd_dw_kernel[(triton.cdiv(V, BV), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
