@@ -1,6 +1,7 @@
 """The Triton CG kernel (with its fused output pass), the chunk-state kernel and the backward's elementwise kernels,
-run by Triton's interpreter on the CPU, against their PyTorch twins; and the CUDA forward and backward as composed
-(fla's GLA backward primitives, which the interpreter cannot run, replaced by a PyTorch twin) against float64.
+run by Triton's interpreter on the CPU, against their PyTorch twins; the backward's GLA gradient kernels against
+float64 autograd; and the CUDA forward and backward as composed (fla's GLA backward primitives, which the interpreter
+cannot run, replaced by PyTorch twins) against float64.
 
 The interpreter must be switched on before triton is imported, so the comparison runs in a subprocess.
 """
@@ -326,10 +327,27 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
                 loss = loss + (o * do[sl].double()).sum() + (end * dhc).sum()
             return torch.autograd.grad(loss, leaves)
 
-    for B, T, H, K, V, dtype, varlen, C in [(2, 100, 2, 32, 48, torch.float32, False, 64),
-                                            (1, 90, 2, 80, 40, torch.bfloat16, True, 32),
-                                            (2, 70, 1, 128, 128, torch.bfloat16, False, 64)]:
-        bounds = [0, 23, 51, T] if varlen else [0, T]
+    from hypothesis import example, given, settings, strategies as st
+    GATES = {'keep': 1e-3, 'mid': 0.3, 'forget': 5.0}     # -g drawn from U(0, this): gamma near 1 ... down to e^-5
+    BETAS = {'low': (0., 1e-3), 'any': (0., 1.), 'high': (1 - 1e-3, 1.)}
+    # the largest relative error of a gradient stored in dtype (dv; rounding toward zero in the interpreter)
+    STORED = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True)
+    @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 32, 48, 80, 128]),
+           V=st.sampled_from([16, 40, 64, 128]), dtype=st.sampled_from(list(STORED)), varlen=st.booleans(),
+           C=st.sampled_from([16, 32, 64]), gate=st.sampled_from(list(GATES)), betas=st.sampled_from(list(BETAS)),
+           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), seed=st.integers(0, 2 ** 16))
+    @example(B=2, T=100, H=2, K=32, V=48, dtype=torch.float32, varlen=False, C=64, gate='mid', betas='any', cuts=[],
+             seed=0)
+    @example(B=1, T=90, H=2, K=80, V=40, dtype=torch.bfloat16, varlen=True, C=32, gate='mid', betas='any',
+             cuts=[0.26, 0.57], seed=1)
+    @example(B=2, T=70, H=1, K=128, V=128, dtype=torch.bfloat16, varlen=False, C=64, gate='mid', betas='any',
+             cuts=[], seed=2)
+    def check(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, seed):
+        torch.manual_seed(seed)
+        B = 1 if varlen else B
+        bounds = sorted({0, T, *(int(c * T) for c in cuts)}) if varlen else [0, T]
         cu = torch.tensor(bounds) if varlen else None
         idx = prepare_chunk_indices(cu, C) if varlen else None
         if varlen:
@@ -341,10 +359,11 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         x = torch.randn(B, T, H, K)                                   # the solve's x: float32
         k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype)
         v = torch.randn(B, T, H, V).to(dtype)
-        beta = torch.rand(B, T, H)
+        lo, hi = BETAS[betas]
+        beta = lo + (hi - lo) * torch.rand(B, T, H)
         do = torch.randn(B, T, H, V).to(dtype)
         u = torch.randn(B, T, H, K)                                   # H's side: output gradient -u, float32
-        gc = chunk_local_cumsum(-torch.rand(B, T, H) * 0.3, chunk_size=C, scale=RCP_LN2, cu_seqlens=cu,
+        gc = chunk_local_cumsum(-torch.rand(B, T, H) * GATES[gate], chunk_size=C, scale=RCP_LN2, cu_seqlens=cu,
                                 chunk_indices=idx)
         h_kv, dh_kv = torch.randn(B, NT, H, K, V), torch.randn(B, NT, H, K, V)
         h_kk, dh_u = torch.randn(B, NT, H, K, K), torch.randn(B, NT, H, K, K)   # dh_u: the state gradients of +u
@@ -361,17 +380,21 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         assert none is None and dv2 is dk2 is dk and dg2 is dg and dbeta2 is dbeta
         both = {'k': rel(dk, ref_s[1] - ref_h[1] - ref_h[2]), 'beta': rel(dbeta.sum(0).view(B, T, H),
                 ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4])}
-        print(B, T, H, K, V, dtype, varlen, {n: f'{e:.1e}' for n, e in first.items()},
+        print(B, T, H, K, V, dtype, bounds, C, gate, betas, {n: f'{e:.1e}' for n, e in first.items()},
               {n: f'{e:.1e}' for n, e in both.items()}, flush=True)
-        # float32 products here; dv is stored in v's dtype (bf16: relative rounding up to 2^-8 in the interpreter)
-        assert all(e < (2 ** -8 if n == 'v' and dtype != torch.float32 else 1e-5) for n, e in first.items()), first
+        # float32 products here; dv is stored in v's dtype
+        assert all(e < (STORED[dtype] if n == 'v' else 1e-5) for n, e in first.items()), first
         assert all(e < 1e-5 for e in both.values()), both
+
+    check()
     print('OK')
 ''')
 
 
 def test_gla_backward_kernels_in_interpreter():
     """The backward's per-chunk GLA gradient kernels against float64 autograd of the chunk equations, given the
-    states and state gradients: float32 and bf16 operands, T not a multiple of the chunk, varlen, K and V over two
-    tiles and unequal; then H's side (gradients of -u) added in place onto S's buffers."""
+    states and state gradients, on hypothesis-drawn cases: float32, bf16 and float16 operands, T from 1 and not a
+    multiple of the chunk, chunks of 16-64, varlen with up to four sequences, K and V of one or two tiles and unequal,
+    gates near 1 to e^-5 a token, beta near 0 and near 1; then H's side (gradients of -u) added in place onto S's
+    buffers."""
     run_in_interpreter(GLA_BWD_SCRIPT)
