@@ -3,8 +3,9 @@ then the merged table and plot (`train_mqar.py --merge`).
 
     python benchmarks/mqar/grid.py --gpus 0,1,2,3 --out-dir mqar_grid -- --steps 1500 --budget-s 420
     python benchmarks/mqar/grid.py --device cpu --jobs 2 --models mesa --widths 32 --seq-lens 64 -- --tiny
+    python benchmarks/mqar/grid.py --seeds 0,1,2 ...      (each cell three times; the table: mean (min-max, seeds))
 
-Everything after `--` goes to every `train_mqar.py` process (its presets and options). Tiny models do not fill a
+Everything after `--` goes to every `train_mqar.py` process (its presets and options; `--seeds` sets `--seed`). Tiny models do not fill a
 GPU, so all cells run at once: `--gpus` lists one slot per share, and a GPU named twice takes twice the share of the
 cells (the cells are placed longest first on the least loaded slot, by an estimate of their cost). With
 `--budget-s` each process stops training that many seconds after its first step and records its steps.
@@ -37,6 +38,8 @@ def parse_args(argv=None):
                    help="comma list of extra Mesa rows: 'mamba_gate' (--mesa-mamba-gate) and/or 'gate_biasB' "
                         "(--mesa-gate-bias B); '' for none. Default: both long-memory starts that learned the "
                         "vocab-8192 L=256 cell (benchmarks/RESULTS.md)")
+    p.add_argument('--seeds', default='0', help="comma list of seeds (data and initialisation): one process per "
+                                                 "cell and seed; the table gives the mean over seeds")
     p.add_argument('--widths', default='64,128,256')
     p.add_argument('--seq-lens', default='256,512,1024')
     p.add_argument('--gpus', help="comma list of CUDA device slots (default: one per visible GPU)")
@@ -75,10 +78,12 @@ def jobs(args, widths: list[int], seq_lens: list[int]) -> list[dict]:
     for label, opts in rows(args):
         for L in seq_lens:
             for d in widths:
-                name = f"{label.replace('+', '_')}_d{d}_L{L}"
-                out.append({'name': name, 'label': label, 'width': d, 'seq_len': L,
-                            'cost': MODEL_COST.get(opts[1], 4) * L * max(d, 128),
-                            'cmd': train_cmd(opts, d, L, args, '--out', os.path.join(args.out_dir, name + '.json'))})
+                for seed in (int(s) for s in args.seeds.split(',')):
+                    name = f"{label.replace('+', '_')}_d{d}_L{L}_s{seed}"
+                    out.append({'name': name, 'label': label, 'width': d, 'seq_len': L,
+                                'cost': MODEL_COST.get(opts[1], 4) * L * max(d, 128),
+                                'cmd': train_cmd(opts, d, L, args, '--seed', str(seed),
+                                                 '--out', os.path.join(args.out_dir, name + '.json'))})
     return out
 
 

@@ -156,7 +156,7 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     bar.close()
     train_s = common.now(device) - t0
     acc = accuracy(model, test, device, cfg['batch_size'], use_ac)
-    res = {'model': label, 'width': width, 'seq_len': seq_len, 'lr': lr,
+    res = {'model': label, 'width': width, 'seq_len': seq_len, 'lr': lr, 'seed': args.seed,
            'acc': acc, 'final_loss': last, 'steps_done': done, 'train_s': train_s, 'params': info['params'],
            'info': info, 'ok': True, 'loss_curve': curve}
     print(f"  {res['model']:<15} d={width:<4} L={seq_len:<5} kv={train.num_kv_pairs:<3} lr={lr:<7g} acc {acc:.4f}  "
@@ -168,22 +168,35 @@ def run_cell(name, width, seq_len, lr, cfg, args, train, test, device) -> dict:
     return res
 
 
+def cell_summary(cell: list[dict]) -> tuple[float, float, float, int] | None:
+    """(mean, min, max, number of seeds) of the test accuracy at the learning rate with the best mean over seeds, from
+    one cell's results; None if none succeeded."""
+    by_lr: dict = {}
+    for r in cell:
+        if r.get('ok'):
+            by_lr.setdefault(r['lr'], []).append(r['acc'])
+    if not by_lr:
+        return None
+    accs = max(by_lr.values(), key=lambda a: sum(a) / len(a))
+    return sum(accs) / len(accs), min(accs), max(accs), len(accs)
+
+
 def best_table(results: list[dict], cfg: dict) -> str:
     models = list(dict.fromkeys(r['model'] for r in results))
     cols = sorted({(r['seq_len'], r['width']) for r in results})
     lines = [f"## MQAR accuracy ({cfg.get('layers', 2)} layers, vocab {cfg.get('vocab_size')}, kv pairs = seq_len / "
              f"{cfg.get('kv_ratio')}, {cfg.get('steps')} steps x batch {cfg.get('batch_size')}, best over lr "
-             f"{cfg.get('lrs')})", '',
+             f"{cfg.get('lrs')} of the mean over seeds; with several seeds, (min-max, seeds))", '',
              '| model | ' + ' | '.join(f"L={L} d={d}" for L, d in cols) + ' |',
              '|---|' + '---|' * len(cols)]
     for m in models:
         row = []
         for L, d in cols:
             cell = [r for r in results if r['model'] == m and r['seq_len'] == L and r['width'] == d]
-            ok = [r for r in cell if r.get('ok')]
-            if ok:
-                b = max(ok, key=lambda r: r['acc'])
-                row.append(f"{b['acc']:.3f}")
+            summary = cell_summary(cell)
+            if summary:
+                mean, lo, hi, n = summary
+                row.append(f"{mean:.3f}" + (f" ({lo:.3f}-{hi:.3f}, {n})" if n > 1 else ''))
             elif cell:
                 row.append('FAILED')
             else:
@@ -191,7 +204,8 @@ def best_table(results: list[dict], cfg: dict) -> str:
         lines.append(f"| {m} | " + ' | '.join(row) + ' |')
     failed = [r for r in results if not r.get('ok')]
     for r in failed:
-        lines.append(f"\nFAILED {r['model']} d={r['width']} L={r['seq_len']} lr={r['lr']}: {r.get('error', '')[:200]}")
+        lines.append(f"\nFAILED {r['model']} d={r['width']} L={r['seq_len']} lr={r['lr']} seed={r.get('seed')}: "
+                     f"{r.get('error', '')[:200]}")
     return '\n'.join(lines)
 
 
@@ -208,15 +222,13 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(seq_lens), figsize=(4.5 * len(seq_lens), 4), squeeze=False)
     for ax, L in zip(axes[0], seq_lens):
         for m in dict.fromkeys(r['model'] for r in ok):
-            pts = {}
-            for r in ok:
-                if r['model'] == m and r['seq_len'] == L:
-                    pts[r['width']] = max(pts.get(r['width'], 0.0), r['acc'])
-            ws = sorted(pts)
-            ax.plot(ws, [pts[w] for w in ws], 'o-', label=m)
+            ws = sorted({r['width'] for r in ok if r['model'] == m and r['seq_len'] == L})
+            means = [cell_summary([r for r in ok if (r['model'], r['seq_len'], r['width']) == (m, L, w)])[0]
+                     for w in ws]
+            ax.plot(ws, means, 'o-', label=m)
         ax.set_xscale('log', base=2)
         ax.set_xlabel('model width')
-        ax.set_ylabel('MQAR accuracy')
+        ax.set_ylabel('MQAR accuracy (best lr, mean over seeds)')
         ax.set_title(f'seq_len {L}')
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=.3)
@@ -254,8 +266,8 @@ def main(argv=None) -> dict:
                     except Exception as e:  # noqa: BLE001 -- report and go on with the other cells
                         traceback.print_exc()
                         print(f"!!! {name} d={width} L={L} lr={lr:g} FAILED: {type(e).__name__}: {e}")
-                        results.append({'model': name, 'width': width, 'seq_len': L, 'lr': lr, 'ok': False,
-                                        'error': f"{type(e).__name__}: {e}"})
+                        results.append({'model': name, 'width': width, 'seq_len': L, 'lr': lr, 'seed': args.seed,
+                                        'ok': False, 'error': f"{type(e).__name__}: {e}"})
                         if device.type == 'cuda':
                             torch.cuda.empty_cache()
                     save()

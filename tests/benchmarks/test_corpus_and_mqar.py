@@ -339,6 +339,12 @@ def test_report_tables_show_failures_and_best_lr():
     rows.append({'model': 'gla', 'width': 64, 'seq_len': 256, 'lr': 1e-3, 'ok': False, 'error': 'x'})
     t = tm.best_table(rows, {'lrs': [1e-3, 3e-3]})
     assert '| mesa | 0.900 |' in t and '| gla | FAILED |' in t
+    # several seeds: the learning rate with the best mean, then (min-max, seeds); a failed seed is left out
+    seeds = [{'model': 'mesa', 'width': 64, 'seq_len': 256, 'lr': lr, 'seed': s, 'acc': acc, 'ok': True}
+             for lr, s, acc in ((1e-3, 0, 0.8), (1e-3, 1, 0.6), (3e-3, 0, 1.0), (3e-3, 1, 0.2), (3e-3, 2, 0.3))]
+    seeds.append({'model': 'mesa', 'width': 64, 'seq_len': 256, 'lr': 1e-3, 'seed': 2, 'ok': False, 'error': 'y'})
+    t = tm.best_table(seeds, {'lrs': [1e-3, 3e-3]})
+    assert '| mesa | 0.700 (0.600-0.800, 2) |' in t and 'FAILED mesa d=64 L=256 lr=0.001 seed=2' in t
 
 
 def test_warm_start_replay():
@@ -370,3 +376,9 @@ def test_mqar_grid_smoke(tmp_path):
     assert sorted(p.name for p in tmp_path.glob('_warmup_*.log')) == ['_warmup_mesa.log', '_warmup_mesa_gate_bias3.log']
     with pytest.raises(SystemExit):
         grid.main(['--device', 'cpu', '--mesa-gate-rows', 'bogus', '--out-dir', str(tmp_path)])
+    # --seeds: one process per cell and seed, each told its seed after the options passed through
+    args = grid.parse_args(['--models', 'gla', '--mesa-gate-rows', '', '--seeds', '3,4', '--out-dir', 'o', '--',
+                            '--seed', '9'])
+    todo = grid.jobs(args, [32], [64])
+    assert [j['name'] for j in todo] == ['gla_d32_L64_s3', 'gla_d32_L64_s4']
+    assert [j['cmd'][j['cmd'].index('--seed', j['cmd'].index('9')) + 1] for j in todo] == ['3', '4']
