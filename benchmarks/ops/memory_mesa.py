@@ -1,6 +1,7 @@
 """Where the peak memory of `chunk_mesa`'s forward+backward is: the memory live before, and the peak during, each
-step of the CUDA forward and backward (the state kernel, the CG solve, fla's GLA backward, our elementwise kernels),
-in GiB over the inputs; and fla's `chunk_mesa_net` forward peak for comparison.
+step of the CUDA forward and backward (the state kernel, the CG solve, fla's state gradients, our GLA gradient
+kernels, the elementwise kernels; `bwd_prep`, `_gla_bwd` and `bwd_combine` run only with `fp32_backward=False`), in
+GiB over the inputs; and fla's `chunk_mesa_net` forward peak for comparison.
 
 Usage: python benchmarks/ops/memory_mesa.py      (GPU; B=8 T=2048 H=16, bf16, 30 CG steps, D = 128 and 64)
 """
@@ -17,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_mesa import inputs  # noqa: E402
 
 B, T, H = 8, 2048, 16
-STEPS = ('chunk_states_fwd', 'chunk_cg_solve', 'bwd_prep', '_gla_bwd', 'bwd_solve', 'bwd_combine')
+STEPS = ('chunk_states_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_gla_bwd', 'bwd_solve', 'bwd_prep', '_gla_bwd',
+         'bwd_combine')
 
 
 def record(module, name, log):
