@@ -72,7 +72,7 @@ class MesaAttention(nn.Module):
         decode_cg_steps (int): CG iterations when continuing a cached state (decoding). Default: 30.
         cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`). Default: `None`.
         cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`. Default: `'jacobi'`.
-        fp32_backward (bool): `chunk_mesa`'s option: float32 operands in the backward's GLA passes on CUDA, for
+        fp32_backward (bool): `chunk_mesa`'s option: float32 products in the backward's GLA passes on CUDA, for
             gradients more accurate than fla's MesaNet's; `False` is faster (about 0.9x the op's forward+backward
             GPU time at D=128 and 64) but needs more memory, with bf16 gradient errors 1.3-1.8x fla's.
             Default: `True`.

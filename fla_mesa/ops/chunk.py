@@ -283,14 +283,14 @@ def chunk_mesa(
         check_values (bool): raise if some lamb <= 0 or g > 0. Each of the two checks waits for the device on
             CUDA (and cannot run under CUDA-graph capture); pass False where they hold by construction, as
             `MesaAttention` does. Shapes and dtypes are always checked. Default: True.
-        fp32_backward (bool): on CUDA with half-precision inputs, run the backward's two GLA passes (fla's Triton
-            primitives) on float32 operands (tf32 products) instead of the inputs' dtype. With bf16 inputs at D=128
-            on an H100 it takes every gradient's error against the float64 exact solve below fla's
-            `chunk_mesa_net`'s (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the bf16 floor is 1.7e-3), for 1.09x
-            (D=128) and about 1.1x (D=64) the forward+backward GPU time of `False`, and 0.19 / 0.09 GiB less peak
-            memory, at B=8, T=2048, H=16 on an H100 (benchmarks/RESULTS.md).
-            No effect on float32 inputs, nor off CUDA (the PyTorch path computes in float32 or float64).
-            Default: True.
+        fp32_backward (bool): on CUDA with half-precision inputs, run the backward's two GLA passes with float32
+            (tf32) products, in our `gla_backward` kernels, instead of fla's Triton primitives on operands in the
+            inputs' dtype. With bf16 inputs on an H100 it takes every gradient's error against the float64 exact
+            solve below fla's `chunk_mesa_net`'s at D=128 and D=64 (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the
+            bf16 floor is 1.7e-3), for 1.09x (D=128) and about 1.1x (D=64) the forward+backward GPU time of
+            `False`, and 0.19 / 0.09 GiB less peak memory, at B=8, T=2048, H=16 (benchmarks/RESULTS.md). With
+            float32 inputs both settings multiply in float32 (tf32); off CUDA it has no effect (the PyTorch path
+            computes in float32 or float64). Default: True.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.
