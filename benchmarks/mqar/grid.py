@@ -5,9 +5,10 @@ then the merged table and plot (`train_mqar.py --merge`).
     python benchmarks/mqar/grid.py --device cpu --jobs 2 --models mesa --widths 32 --seq-lens 64 -- --tiny
     python benchmarks/mqar/grid.py --seeds 0,1,2 ...      (each cell three times; the table: mean (min-max, seeds))
 
-Everything after `--` goes to every `train_mqar.py` process (its presets and options; `--seeds` sets `--seed`). Tiny models do not fill a
-GPU, so all cells run at once: `--gpus` lists one slot per share, and a GPU named twice takes twice the share of the
-cells (the cells are placed longest first on the least loaded slot, by an estimate of their cost). With
+Everything after `--` goes to every `train_mqar.py` process (its presets and options; `--seeds` sets `--seed`).
+Tiny models do not fill a GPU, so all cells run at once: `--gpus` lists one slot per share, and a GPU named twice
+takes twice the share of the cells (the cells are placed longest first on the least loaded slot, by an estimate of
+their cost). With
 `--budget-s` each process stops training that many seconds after its first step and records its steps.
 
 First, one short run per row (`--warmup-steps`, smallest cell, one per slot at a time) compiles the kernels and
