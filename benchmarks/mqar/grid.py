@@ -8,8 +8,8 @@ then the merged table and plot (`train_mqar.py --merge`).
 Everything after `--` goes to every `train_mqar.py` process (its presets and options; `--seeds` sets `--seed`).
 Tiny models do not fill a GPU, so all cells run at once: `--gpus` lists one slot per share, and a GPU named twice
 takes twice the share of the cells (the cells are placed longest first on the least loaded slot, by an estimate of
-their cost). With
-`--budget-s` each process stops training that many seconds after its first step and records its steps.
+their cost). With `--budget-s` each process stops training that many seconds after its first step and records its
+steps.
 
 First, one short run per row (`--warmup-steps`, smallest cell, one per slot at a time) compiles the kernels and
 fills fla's autotuning cache (kept in TRITON_CACHE_DIR): the grid's processes then start from it. Without it,
