@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla_mesa.ops.chunk_index import chunk_position
 from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, decay_matrix, pad_to_chunks
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
@@ -57,17 +58,10 @@ def chunk_cg_kernel(
     i_tr, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, i_r = i_tr // (BT // BR), i_tr % (BT // BR)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-        bos = (i_b * T).to(tl.int64)
+    i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
 
-    o_t = i_t * BT + i_r * BR + tl.arange(0, BR)
-    o_s = i_t * BT + tl.arange(0, BT)
+    o_t = t0 + i_r * BR + tl.arange(0, BR)
+    o_s = t0 + tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t, m_s, m_k = o_t < T, o_s < T, o_k < K
     m_tk = m_t[:, None] & m_k[None, :]

@@ -21,19 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # (this chunk's index into the states, its first row, its sequence's length, its start within the sequence)
-    if IS_VARLEN:
-        i_tg = i_t
-        i_n, i_t = tl.load(chunk_indices + i_t * 2).to(tl.int32), tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-    else:
-        i_tg = i_b * tl.cdiv(T, BT) + i_t
-        bos = (i_b * T).to(tl.int64)
-    return i_tg, bos, T, i_t * BT
+from fla_mesa.ops.chunk_index import chunk_position
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -44,7 +32,7 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, dh, gc, dq, dk, dg, cu_seqlens
     # one program: BK key columns of one chunk of one head; dq, dk [rows, BK] and this block's share of dG
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tg, bos, T, t0 = _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
     o_t = t0 + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t, m_k = o_t < T, o_k < K
@@ -108,7 +96,7 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, 
     # dbeta = sum_V dw * w_src (added to dbeta)
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_tg, bos, T, t0 = _chunk(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
     o_t = t0 + tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_t, m_v = o_t < T, o_v < V
