@@ -66,11 +66,12 @@ def ensure_softmax_attention() -> str:
 def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, device: torch.device,
                 head_dim: int = 128, cg_steps: int = 30, max_len: int = 2048, bos: int | None = None,
                 eos: int | None = None, tie_word_embeddings: bool = True, mesa_gate_bias: float | None = None,
-                **mesa_overrides):
+                mesanet_gate_bias: float | None = None, **mesa_overrides):
     """Returns `(model, info)`; `info` holds the config summary (and the attention backend for 'transformer').
 
     `mesa_overrides` go to `MesaConfig`; `mesa_gate_bias` sets the bias of Mesa's sigmoid forget gate after
-    initialisation (gamma = sigmoid(bias) at the start; fla's initialisation gives 0, gamma = 0.5)."""
+    initialisation (gamma = sigmoid(bias) at the start; fla's initialisation gives 0, gamma = 0.5), and
+    `mesanet_gate_bias` that of fla MesaNet's, which has the same gate (g = logsigmoid(a_proj(x)))."""
     fused = device.type == 'cuda'
     if name in GPU_ONLY and not fused:
         raise RuntimeError(f"model '{name}' uses fla's Triton kernels and needs CUDA; on CPU only 'mesa' runs")
@@ -90,17 +91,15 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
         if mesa_gate_bias is not None:
             if cfg.use_mamba_gate:
                 raise ValueError("mesa_gate_bias is for the sigmoid forget gate, not use_mamba_gate")
-            with torch.no_grad():
-                for layer in model.model.layers:
-                    if hasattr(layer.attn, 'a_proj'):  # Mesa layers (not the hybrid softmax ones)
-                        layer.attn.a_proj.bias.fill_(mesa_gate_bias)
-            info['gate_bias'] = mesa_gate_bias
+            info['gate_bias'] = set_gate_bias(model, mesa_gate_bias)
         info.update(heads=heads, head_dim=head_dim, cg_steps=cg_steps, **mesa_overrides)
     elif name == 'mesanet':
         from fla.models import MesaNetConfig, MesaNetForCausalLM
         cfg = MesaNetConfig(num_heads=heads, head_dim=head_dim, max_cg_step_training=cg_steps,
                             max_cg_step_decoding=cg_steps, **common_kw)
         model = MesaNetForCausalLM(cfg)
+        if mesanet_gate_bias is not None:
+            info['gate_bias'] = set_gate_bias(model, mesanet_gate_bias)
         info.update(heads=heads, head_dim=head_dim, cg_steps=cg_steps)
     elif name == 'gated_deltanet':
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
@@ -126,6 +125,16 @@ def build_model(name: str, hidden_size: int, num_layers: int, vocab_size: int, d
     return model, info
 
 
+def set_gate_bias(model, bias: float) -> float:
+    """Fills the bias of the forget-gate projection `a_proj` of every Mesa or MesaNet layer of `model` (the hybrid
+    models' softmax layers have none) with `bias`; returns it."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.attn, 'a_proj'):
+                layer.attn.a_proj.bias.fill_(bias)
+    return bias
+
+
 def add_mesa_gate_args(parser) -> None:
     """The Mesa forget-gate options of the comparison scripts; `mesa_gate_config(args)` puts them in their config."""
     parser.add_argument('--mesa-mamba-gate', action='store_true',
@@ -134,15 +143,21 @@ def add_mesa_gate_args(parser) -> None:
     parser.add_argument('--mesa-gate-bias', type=float,
                         help="initial bias B of Mesa's sigmoid forget gate (gamma = sigmoid(B) at the start; "
                              "default 0), as row 'mesa+gate_biasB'")
+    parser.add_argument('--mesanet-gate-bias', type=float,
+                        help="the same for fla's MesaNet (its forget gate is the same sigmoid), as row "
+                             "'mesanet+gate_biasB'")
 
 
 def mesa_gate_config(args) -> dict:
-    return {'mesa_mamba_gate': args.mesa_mamba_gate, 'mesa_gate_bias': args.mesa_gate_bias}
+    return {'mesa_mamba_gate': args.mesa_mamba_gate, 'mesa_gate_bias': args.mesa_gate_bias,
+            'mesanet_gate_bias': args.mesanet_gate_bias}
 
 
 def mesa_variant(name: str, cfg: dict) -> tuple[dict, str]:
-    """`build_model` options and the row label for `cfg`'s Mesa gate options (`mesa_mamba_gate`, `mesa_gate_bias`);
-    other models get none."""
+    """`build_model` options and the row label for `cfg`'s forget-gate options (`mesa_mamba_gate`, `mesa_gate_bias`
+    for Mesa, `mesanet_gate_bias` for fla's MesaNet); other models get none."""
+    if name == 'mesanet' and cfg.get('mesanet_gate_bias') is not None:
+        return {'mesanet_gate_bias': cfg['mesanet_gate_bias']}, f"mesanet+gate_bias{cfg['mesanet_gate_bias']:g}"
     if name != 'mesa':
         return {}, name
     options, label = {}, name

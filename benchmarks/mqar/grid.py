@@ -36,8 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--models', default=','.join(ALL_MODELS))
     p.add_argument('--mesa-gate-rows', default='mamba_gate,gate_bias3',
-                   help="comma list of extra Mesa rows: 'mamba_gate' (--mesa-mamba-gate) and/or 'gate_biasB' "
-                        "(--mesa-gate-bias B); '' for none. Default: both long-memory starts that learned the "
+                   help="comma list of extra Mesa rows: 'mamba_gate' (--mesa-mamba-gate), 'gate_biasB' "
+                        "(--mesa-gate-bias B), and fla MesaNet rows 'mesanet_gate_biasB' (--mesanet-gate-bias B); '' "
+                        "for none. Default: both long-memory starts of Mesa that learned the "
                         "vocab-8192 L=256 cell (benchmarks/RESULTS.md)")
     p.add_argument('--seeds', default='0', help="comma list of seeds (data and initialisation): one process per "
                                                  "cell and seed; the table gives the mean over seeds")
@@ -61,11 +62,13 @@ def rows(args) -> list[tuple[str, list[str]]]:
     for extra in filter(None, args.mesa_gate_rows.split(',')):
         if extra == 'mamba_gate':
             out.append(('mesa+mamba_gate', ['--models', 'mesa', '--mesa-mamba-gate']))
-        elif extra.startswith('gate_bias'):
-            bias = float(extra[len('gate_bias'):])
-            out.append((f'mesa+gate_bias{bias:g}', ['--models', 'mesa', '--mesa-gate-bias', str(bias)]))
+        elif extra.startswith(('gate_bias', 'mesanet_gate_bias')):
+            model = 'mesanet' if extra.startswith('mesanet') else 'mesa'
+            bias = float(extra.split('gate_bias', 1)[1])
+            out.append((f'{model}+gate_bias{bias:g}', ['--models', model, f'--{model}-gate-bias', str(bias)]))
         else:
-            raise SystemExit(f"--mesa-gate-rows: unknown row {extra!r} (expected 'mamba_gate' or 'gate_biasB')")
+            raise SystemExit(f"--mesa-gate-rows: unknown row {extra!r} (expected 'mamba_gate', 'gate_biasB' or "
+                             "'mesanet_gate_biasB')")
     return out
 
 

@@ -287,7 +287,7 @@ def test_train_fsdp_single_process_check(monkeypatch, optimizer):
     assert tf.main(['--check', '--device', 'cpu', '--tiny', '--steps', '2', '--optimizer', optimizer]) == 0
 
 
-def test_zoo_mesa_gate_variants():
+def test_zoo_mesa_gate_variants(monkeypatch):
     zoo = load(os.path.join(LM, 'zoo.py'), 'lm_zoo')
     cpu = torch.device('cpu')
     model, info = zoo.build_model('mesa', 64, 2, 32, cpu, head_dim=32, mesa_gate_bias=2.5)
@@ -300,6 +300,16 @@ def test_zoo_mesa_gate_variants():
     assert zoo.mesa_variant('mesa', {'mesa_mamba_gate': True}) == ({'use_mamba_gate': True}, 'mesa+mamba_gate')
     assert zoo.mesa_variant('mesa', {'mesa_gate_bias': 3.0}) == ({'mesa_gate_bias': 3.0}, 'mesa+gate_bias3')
     assert zoo.mesa_variant('gla', {'mesa_mamba_gate': True, 'mesa_gate_bias': 3.0}) == ({}, 'gla')
+    # fla's MesaNet has the same sigmoid gate: its own option and row, and Mesa's options leave it alone
+    assert zoo.mesa_variant('mesanet', {'mesanet_gate_bias': 3.0}) == ({'mesanet_gate_bias': 3.0}, 'mesanet+gate_bias3')
+    assert zoo.mesa_variant('mesanet', {'mesa_gate_bias': 3.0, 'mesa_mamba_gate': True}) == ({}, 'mesanet')
+    assert zoo.mesa_variant('mesa', {'mesanet_gate_bias': 3.0}) == ({}, 'mesa')
+    monkeypatch.setattr(zoo, 'GPU_ONLY', frozenset())  # MesaNet is built (not run) on the CPU here
+    mesanet, info = zoo.build_model('mesanet', 64, 2, 32, cpu, head_dim=32, mesanet_gate_bias=-1.5)
+    assert info['gate_bias'] == -1.5
+    assert all(bool((layer.attn.a_proj.bias == -1.5).all()) for layer in mesanet.model.layers)
+    _, info = zoo.build_model('mesanet', 64, 1, 32, cpu, head_dim=32)
+    assert 'gate_bias' not in info
 
 
 def test_sdpa_stand_in_for_flash_attn_is_causal_attention():
@@ -376,6 +386,9 @@ def test_mqar_grid_smoke(tmp_path):
     assert sorted(p.name for p in tmp_path.glob('_warmup_*.log')) == ['_warmup_mesa.log', '_warmup_mesa_gate_bias3.log']
     with pytest.raises(SystemExit):
         grid.main(['--device', 'cpu', '--mesa-gate-rows', 'bogus', '--out-dir', str(tmp_path)])
+    assert grid.rows(grid.parse_args(['--models', '', '--mesa-gate-rows', 'mesanet_gate_bias3,gate_bias2'])) == [
+        ('mesanet+gate_bias3', ['--models', 'mesanet', '--mesanet-gate-bias', '3.0']),
+        ('mesa+gate_bias2', ['--models', 'mesa', '--mesa-gate-bias', '2.0'])]
     # --seeds: one process per cell and seed, each told its seed after the options passed through
     args = grid.parse_args(['--models', 'gla', '--mesa-gate-rows', '', '--seeds', '3,4', '--out-dir', 'o', '--',
                             '--seed', '9'])
