@@ -46,7 +46,7 @@ def cg_kernel(K: int, output: bool):
     sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
                tol_sq='fp32', steps='i32', T='i32')
     const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
-                 JACOBI=True, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
+                 SOLVE=True, JACOBI=True, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
     if output:
         sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
     else:
