@@ -3,7 +3,8 @@
 Tokens are independent systems, so a chunk of tokens needs only its chunk-start state H_c and its own
 keys: the Triton kernel keeps a chunk's keys, gates, state and CG vectors on chip across all iterations (fla
 has no such kernel: its GLA primitives would take one launch and a round trip to memory per iteration).
-Each token stops once ||r_k|| <= max(cg_tol, eps) * ||r_0|| (eps: the compute dtype's machine epsilon;
+CG is plain, or preconditioned with the Jacobi preconditioner diag(H_t + diag(lamb)) (`cg_precond='jacobi'`; the
+start x_0 = b / diag(...) is the separate `cg_init`). Each token stops once ||r_k|| <= max(cg_tol, eps) * ||r_0|| (eps: the compute dtype's machine epsilon;
 iterating past that floor lets the recursively updated residual underflow, and CG then diverges), and a
 chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations.
 """
@@ -50,6 +51,7 @@ def chunk_cg_kernel(
     BV: tl.constexpr,
     SOLVE: tl.constexpr,
     JACOBI: tl.constexpr,
+    PRECOND: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     OUTPUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -88,10 +90,11 @@ def chunk_cg_kernel(
         m_kk = m_k[:, None] & m_k[None, :]
         # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
         b_hm = tl.load(p_h, mask=m_kk, other=0.)
-        if JACOBI:
+        if JACOBI or PRECOND:
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
-            b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k)
-            b_x = b_b / (b_diag + b_lamb[None, :])
+            b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
+        if JACOBI:
+            b_x = b_b / b_diag
             b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
             b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
                 + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
@@ -99,8 +102,13 @@ def chunk_cg_kernel(
         else:
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
-        b_p = b_r
         b_rs = tl.sum(b_r * b_r, 1)
+        if PRECOND:  # preconditioned CG with M = diag(H_t + diag(lamb)): z = r / diag, scalars from r . z
+            b_p = b_r / b_diag
+            b_rz = tl.sum(b_r * b_p, 1)
+        else:
+            b_p = b_r
+            b_rz = b_rs
         b_thresh = tol_sq * b_rs
 
         i = 0
@@ -111,14 +119,21 @@ def chunk_cg_kernel(
             b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
                 + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
             b_pap = tl.sum(b_p * b_ap, 1)
-            b_alpha = tl.where(b_active & (b_pap > 0), b_rs / tl.where(b_pap > 0, b_pap, 1.), 0.)
+            b_alpha = tl.where(b_active & (b_pap > 0), b_rz / tl.where(b_pap > 0, b_pap, 1.), 0.)
             b_x += b_alpha[:, None] * b_p
             b_r -= b_alpha[:, None] * b_ap
             b_rs_new = tl.sum(b_r * b_r, 1)
-            b_cg_beta = tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.)
-            b_p = tl.where(b_active[:, None], b_r + b_cg_beta[:, None] * b_p, b_p)
+            if PRECOND:
+                b_z = b_r / b_diag
+                b_rz_new = tl.sum(b_r * b_z, 1)
+            else:
+                b_z = b_r
+                b_rz_new = b_rs_new
+            b_cg_beta = tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.)
+            b_p = tl.where(b_active[:, None], b_z + b_cg_beta[:, None] * b_p, b_p)
             b_cnt += b_active.to(tl.int32)
             b_rs = tl.where(b_active, b_rs_new, b_rs)
+            b_rz = tl.where(b_active, b_rz_new, b_rz)
             i += 1
             todo = tl.max(b_rs - b_thresh, 0) > 0
 
@@ -155,6 +170,7 @@ def chunk_cg_solve(
     chunk_size: int = 64,
     v: torch.Tensor | None = None,
     h_kv: torch.Tensor | None = None,
+    cg_precond: str = 'none',
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk; with `v` and `h_kv`, also
     the output o_t = G_t x_t from the same kernel.
@@ -164,6 +180,7 @@ def chunk_cg_solve(
         gc: chunk-local cumulative log2 gate `[B, T, H]` (float32, from `chunk_local_cumsum(..., scale=RCP_LN2)`).
         h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`. `cg_steps=0` gives x = b.
         v: values `[B, T, H, V]`; h_kv: chunk-start states `[B, NT, H, K, V]` float32 of sum beta k v^T (K <= 128).
+        cg_precond: `'jacobi'` preconditions CG with diag(H_t + diag(lamb)); `'none'`: plain CG.
     Returns:
         x `[B, T, H, K]` float32, the iterations each token ran (int32 `[B, T, H]`) if `return_iters`, and
         o `[B, T, H, V]` in v's dtype if `v` is given.
@@ -176,7 +193,7 @@ def chunk_cg_solve(
             iters = torch.zeros(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
             return b.float(), iters, None
         return _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens,
-                                 chunk_size) + (None,)
+                                 chunk_size, cg_precond) + (None,)
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
@@ -195,6 +212,7 @@ def chunk_cg_solve(
         BV=min(64, max(16, triton.next_power_of_2(V))),
         SOLVE=cg_steps > 0,
         JACOBI=cg_init == 'jacobi',
+        PRECOND=cg_precond == 'jacobi',
         STORE_ITERS=return_iters,
         OUTPUT=v is not None,
         IS_VARLEN=cu_seqlens is not None,
@@ -211,7 +229,8 @@ def cg_launch_config(K: int, chunk_size: int = 64) -> dict:
     return dict(BR=min(chunk_size, 16 if BK >= 128 else 64), BK=BK, num_warps=4)
 
 
-def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size):
+def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_size,
+                      cg_precond):
     """K > MAX_KERNEL_K on CUDA: the PyTorch twin on the GPU (cuBLAS products), one padded row per sequence."""
     bounds = [0, b.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
     rows = range(b.shape[0]) if cu_seqlens is None else [0] * (len(bounds) - 1)
@@ -223,14 +242,15 @@ def _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, ret
         h = h_kk[r:r + 1, first:first + nt] if cu_seqlens is not None else h_kk[r:r + 1]
         first += nt if cu_seqlens is not None else 0
         x, it = torch_chunk_cg_solve(piece[0], piece[1], piece[2], piece[3] * math.log(2), h, lamb.float(), cg_steps,
-                                     cg_tol, cg_init, return_iters, chunk_size)
+                                     cg_tol, cg_init, return_iters, chunk_size, cg_precond)
         xs.append(x[:, :e - s])
         its.append(it[:, :e - s] if return_iters else None)
     cat = (lambda ts: torch.cat(ts, 1)) if cu_seqlens is not None else (lambda ts: torch.cat(ts, 0))
     return cat(xs), (cat(its) if return_iters else None)
 
 
-def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters=False, chunk_size=64):
+def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters=False, chunk_size=64,
+                         cg_precond='none'):
     """PyTorch twin of `chunk_cg_solve` (same algorithm and stopping rule), natural-log `gc`, T a multiple
     of `chunk_size`, every tensor in the compute dtype."""
     B, T, H, K = b.shape
@@ -240,13 +260,19 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
     def matvec(p):
         return chunk_output(p, k, kb, h_kk, gc, chunk_size, decay) + lamb * p
 
+    diag = None
+    if cg_init == 'jacobi' or cg_precond == 'jacobi':
+        diag = chunk_diag(k, beta, gc, h_kk, chunk_size, decay) + lamb
     if cg_init == 'jacobi':
-        x = cg_init_guess(b, chunk_diag(k, beta, gc, h_kk, chunk_size, decay) + lamb, cg_init)
+        x = cg_init_guess(b, diag, cg_init)
         r = b - matvec(x)
     else:
         x, r = torch.zeros_like(b), b
-    p = r
+    # preconditioned CG with M = diag(H_t + diag(lamb)) when cg_precond == 'jacobi' (z = M^-1 r), plain CG else
+    z = r / diag if cg_precond == 'jacobi' else r
+    p = z
     rs = (r * r).sum(-1)
+    rz = (r * z).sum(-1) if cg_precond == 'jacobi' else rs
     thresh = rs * cg_threshold(cg_tol, b.dtype)
     cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
     for _ in range(cg_steps):
@@ -255,12 +281,18 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
             break
         ap = matvec(p)
         pap = (p * ap).sum(-1)
-        alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)[..., None]
+        alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, 1), 0)[..., None]
         x = x + alpha * p
         r = r - alpha * ap
         rs_new = (r * r).sum(-1)
-        cg_beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0)[..., None]
-        p = torch.where(active[..., None], r + cg_beta * p, p)
+        if cg_precond == 'jacobi':
+            z = r / diag
+            rz_new = (r * z).sum(-1)
+        else:
+            z, rz_new = r, rs_new
+        cg_beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0)[..., None]
+        p = torch.where(active[..., None], z + cg_beta * p, p)
         cnt += active.int()
         rs = torch.where(active, rs_new, rs)
+        rz = torch.where(active, rz_new, rz)
     return x, (cnt if return_iters else None)

@@ -29,7 +29,7 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, chunk_size):
+def _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, chunk_size, cg_precond):
     T, dt = q.shape[1], _compute_dtype(q.dtype)
     q, k, v, g, beta = (pad_to_chunks(x.to(dt), chunk_size) for x in (q, k, v, g, beta))
     gc = chunk_cumsum(g, chunk_size)
@@ -38,14 +38,15 @@ def _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, 
         x, iters = q, (torch.zeros(q.shape[:3], dtype=torch.int32) if return_iters else None)
     else:
         x, iters = torch_chunk_cg_solve(q, k, beta, gc, h_kk, lamb.to(dt), cg_steps, cg_tol, cg_init,
-                                        return_iters, chunk_size)
+                                        return_iters, chunk_size, cg_precond)
     vb = beta[..., None] * v
     h_kv, ht_kv = chunk_states(k, vb, gc, h0_kv, chunk_size)
     o = chunk_output(x, k, vb, h_kv, gc, chunk_size)
     return o[:, :T], ht_kk, ht_kv, x[:, :T], (iters[:, :T] if return_iters else None)
 
 
-def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, chunk_size):
+def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, chunk_size,
+               cg_precond):
     dt = _compute_dtype(q.dtype)
     leaves = [t.detach().to(dt).requires_grad_() for t in (k, v, g, beta)]
     states = [None if h is None else h.detach().to(dt).requires_grad_() for h in (h0_kk, h0_kv)]
@@ -64,7 +65,7 @@ def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_s
             u, dq = torch.zeros_like(dx), dx
         else:
             u, _ = torch_chunk_cg_solve(dx, k_.detach(), beta_.detach(), gc.detach(), h_kk.detach(), lamb.to(dt),
-                                        cg_steps, cg_tol, cg_init, chunk_size=chunk_size)
+                                        cg_steps, cg_tol, cg_init, chunk_size=chunk_size, cg_precond=cg_precond)
             dq = u
         y = chunk_output(x_.detach(), k_, kb, h_kk, gc, chunk_size)
         total = (o * do_).sum() - (y * u).sum()
@@ -84,7 +85,7 @@ def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_s
 
 
 def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, output_final_state,
-              cu_seqlens, chunk_indices, chunk_size):
+              cu_seqlens, chunk_indices, chunk_size, cg_precond):
     from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -101,9 +102,9 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     solve = (q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_indices, chunk_size)
     if k.shape[-1] <= MAX_KERNEL_K:
-        x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv)
+        x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv, cg_precond=cg_precond)
     else:  # wide heads: the solve on cuBLAS (see chunk_cg_solve), the output from fla's pass on float32 operands
-        x, iters, _ = chunk_cg_solve(*solve)
+        x, iters, _ = chunk_cg_solve(*solve, cg_precond=cg_precond)
         del h_kk
         o = chunk_fwd_o(q=x, k=k.float(), v=v.float() * beta[..., None].float(), h=h_kv, g=gc, scale=1.0,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
@@ -131,7 +132,7 @@ def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size):
 
 
 def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, fp32_backward,
-              cu_seqlens, chunk_indices, chunk_size):
+              cu_seqlens, chunk_indices, chunk_size, cg_precond):
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
 
@@ -157,7 +158,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         dy = torch.zeros_like(x, dtype=dy_dtype or x.dtype) if through_h else None
     else:
         u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
-                                 cu_seqlens, chunk_indices, chunk_size)
+                                 cu_seqlens, chunk_indices, chunk_size, cg_precond=cg_precond)
         del dx
         dq, dy, dlamb = bwd_solve(u, x, q.dtype, dy_dtype)
         dy = u if fp32_backward else dy
@@ -188,7 +189,7 @@ class ChunkMesaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, output_final_state,
-                return_iters, cu_seqlens, chunk_size, fp32_backward):
+                return_iters, cu_seqlens, chunk_size, fp32_backward, cg_precond):
         if q.is_cuda:
             from fla.ops.utils import prepare_chunk_indices
             q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
@@ -196,13 +197,13 @@ class ChunkMesaFunction(torch.autograd.Function):
             with torch.cuda.device(q.device):
                 o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                       return_iters, output_final_state, cu_seqlens, chunk_indices,
-                                                      chunk_size)
+                                                      chunk_size, cg_precond)
         else:
             chunk_indices = None
             o, ht_kk, ht_kv, x, iters = _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
-                                                   return_iters, chunk_size)
+                                                   return_iters, chunk_size, cg_precond)
         ctx.save_for_backward(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices)
-        ctx.opts = (cg_steps, cg_tol, cg_init, chunk_size, fp32_backward)
+        ctx.opts = (cg_steps, cg_tol, cg_init, chunk_size, fp32_backward, cg_precond)
         ctx.mark_non_differentiable(*([iters] if iters is not None else []))
         if not output_final_state:
             ht_kk = ht_kv = None
@@ -211,18 +212,18 @@ class ChunkMesaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht_kk, dht_kv, _):
         q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices = ctx.saved_tensors
-        cg_steps, cg_tol, cg_init, chunk_size, fp32_backward = ctx.opts
+        cg_steps, cg_tol, cg_init, chunk_size, fp32_backward, cg_precond = ctx.opts
         if q.is_cuda:
             with torch.cuda.device(q.device):
                 grads = _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do.contiguous(), dht_kk, dht_kv, cg_steps,
-                                  cg_tol, cg_init, fp32_backward, cu_seqlens, chunk_indices, chunk_size)
+                                  cg_tol, cg_init, fp32_backward, cu_seqlens, chunk_indices, chunk_size, cg_precond)
         else:
             grads = _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol,
-                               cg_init, chunk_size)
+                               cg_init, chunk_size, cg_precond)
         dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
                 dlamb.to(lamb.dtype), None if dh0_kk is None else dh0_kk.to(h0_kk.dtype),
-                None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), None, None, None, None, None, None, None, None)
+                None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), None, None, None, None, None, None, None, None, None)
 
 
 def _split_varlen(t, bounds):
@@ -253,6 +254,7 @@ def chunk_mesa(
     chunk_size: int = 64,
     check_values: bool = True,
     fp32_backward: bool = True,
+    cg_precond: str = 'none',
 ):
     r"""The Mesa layer's sequence op: o_t = S_t^T (H_t + diag(lamb))^{-1} q_t, chunked.
 
@@ -272,6 +274,10 @@ def chunk_mesa(
         cg_tol (float | None): stop a chunk of tokens once each has ||r_k|| <= cg_tol * ||r_0|| (the paper's
             rule; r_0 is the residual of the start). Default: None (always `cg_steps` iterations).
         cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`.
+        cg_precond (str): `'jacobi'` runs CG preconditioned with diag(H_t + diag(lamb)), in the forward's solve and
+            the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
+            across channels it took 11 iterations a token instead of 31 to the float32 floor; with one lamb per head
+            it gains nothing (benchmarks/RESULTS.md). Each iteration costs one more division per channel.
         initial_state (tuple | None): `(h_kk [N, H, K, K], h_kv [N, H, K, V])`, N = B, or the number of
             sequences with `cu_seqlens`.
         output_final_state (bool): also return the final state, in the same format.
@@ -304,7 +310,7 @@ def chunk_mesa(
     with `fp32_backward=False` take x, -u, k, beta * k, beta * v and do in the input dtype.
     """
     B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init,
-                                    check_values)
+                                    check_values, cg_precond)
     if not isinstance(fp32_backward, bool):
         raise ValueError(f"`fp32_backward`: expected a bool, got {fp32_backward!r}")
     if chunk_size not in (16, 32, 64) and (q.is_cuda or chunk_size < 1 or chunk_size & (chunk_size - 1)):
@@ -323,13 +329,13 @@ def chunk_mesa(
         split = [_split_varlen(t, bounds) for t in (q, k, v, g, beta)]
         o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(*split, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                           output_final_state, return_cg_iters, None, chunk_size,
-                                                          fp32_backward)
+                                                          fp32_backward, cg_precond)
         o = _join_varlen(o, bounds)
         iters = None if iters is None else _join_varlen(iters, bounds)
     else:
         o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol,
                                                           cg_init, output_final_state, return_cg_iters, cu_seqlens,
-                                                          chunk_size, fp32_backward)
+                                                          chunk_size, fp32_backward, cg_precond)
     final_state = (ht_kk, ht_kv) if output_final_state else None
     if return_cg_iters:
         return o, final_state, iters

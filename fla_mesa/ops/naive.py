@@ -71,11 +71,13 @@ def naive_cg_mesa(
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
+    cg_precond: str = 'none',
 ):
     r"""Mesa where every step's system is solved by exactly `cg_steps` iterations of conjugate gradient.
 
-    Same arguments and returns as `naive_recurrent_mesa`, plus `cg_steps` and `cg_init` (`'jacobi'`:
-    x0 = q / diag(H_t + diag(lamb)), the paper's start; `'zero'`: x0 = 0). `cg_steps=0` with
+    Same arguments and returns as `naive_recurrent_mesa`, plus `cg_steps`, `cg_init` (`'jacobi'`:
+    x0 = q / diag(H_t + diag(lamb)), the paper's start; `'zero'`: x0 = 0) and `cg_precond` (`'jacobi'`: CG
+    preconditioned with M = diag(H_t + diag(lamb)); `'none'`: plain CG). `cg_steps=0` with
     `cg_init='zero'` would give o = 0; gated linear attention is `cg_steps=0` with x = q, which is what
     `chunk_mesa` does for `cg_steps=0` whatever the start.
     """
@@ -91,19 +93,22 @@ def naive_cg_mesa(
         if cg_steps == 0:
             x = b
         else:
-            x = cg_init_guess(b, torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb, cg_init)
+            diag = torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb
+            x = cg_init_guess(b, diag, cg_init)
             r = b - matvec(x)
-            p = r
-            rs = (r * r).sum(-1, keepdim=True)
+            z = r / diag if cg_precond == 'jacobi' else r
+            p = z
+            rz = (r * z).sum(-1, keepdim=True)
             for _ in range(cg_steps):
                 ap = matvec(p)
                 pap = (p * ap).sum(-1, keepdim=True)
-                alpha = torch.where(pap > 0, rs / torch.where(pap > 0, pap, 1), 0)
+                alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, 1), 0)
                 x = x + alpha * p
                 r = r - alpha * ap
-                rs_new = (r * r).sum(-1, keepdim=True)
-                p = r + torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0) * p
-                rs = rs_new
+                z = r / diag if cg_precond == 'jacobi' else r
+                rz_new = (r * z).sum(-1, keepdim=True)
+                p = z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0) * p
+                rz = rz_new
         outs.append(torch.einsum('bhk,bhkv->bhv', x, h_kv))
     o = torch.stack(outs, dim=1)
     return o, ((h_kk, h_kv) if output_final_state else None)

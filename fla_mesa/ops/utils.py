@@ -5,6 +5,7 @@ import math
 import torch
 
 CG_INITS = ('jacobi', 'zero')
+CG_PRECONDS = ('none', 'jacobi')
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # the widest head the Triton kernels are built for: their tiles hold a whole key/value row
 MAX_HEAD_DIM = 256
@@ -55,7 +56,8 @@ def _fail(name, expected, got):
     raise ValueError(f"`{name}`: expected {expected}, got {got}")
 
 
-def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values=True):
+def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values=True,
+                 cg_precond='none'):
     """Raises `ValueError` naming the first argument that does not fit; returns (B, T, H, K, V, N).
 
     `check_values=False` skips the two checks that read tensor values (lamb > 0, g <= 0): on CUDA each one waits
@@ -121,4 +123,6 @@ def check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg
         _fail('cg_tol', "None or a float in (0, 1), the relative residual ||r_k|| / ||r_0|| to stop at", cg_tol)
     if cg_init not in CG_INITS:
         _fail('cg_init', f"one of {CG_INITS}", repr(cg_init))
+    if cg_precond not in CG_PRECONDS:
+        _fail('cg_precond', f"one of {CG_PRECONDS}", repr(cg_precond))
     return B, T, H, K, V, N

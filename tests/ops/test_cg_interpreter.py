@@ -68,25 +68,25 @@ SCRIPT = textwrap.dedent('''
         hv1, _ = chunk_states_fwd(k, v, beta, gc2.contiguous(), None, False, cu, idx, C)
         hv = torch.cat(hvs, 1)
         assert rel(hv1, hv) < 1e-5, rel(hv1, hv)
-        for init in ('jacobi', 'zero'):
-            for tol in (None, 1e-3):
-                fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
-                x1, i1, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 12, tol, init, True, cu, idx, C,
-                                            *((v, hv) if fused else ()))
-                outs = [torch_chunk_cg_solve(p[0], p[1], p[3], gc, hh, lamb, 12, tol, init, True, C)
-                        for p, gc, hh in zip(pieces, gcs, hs)]
-                x2 = torch.cat([o[0][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
-                i2 = torch.cat([o[1][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
-                err = rel(x1, x2)
-                mismatch = (i1 != i2).float().mean().item()
-                print(B, T, varlen, init, tol, err, mismatch, flush=True)
-                assert err < 1e-4, err
-                assert mismatch < 0.05, mismatch
-                if fused:
-                    o2 = torch.cat([chunk_output(pad_to_chunks(x1[:, s:e], C), p[1], p[3][..., None] * p[4], hh, gc,
-                                                 C)[:, :e - s] for p, gc, hh, s, e in
-                                    zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
-                    assert rel(o1, o2) < 1e-5, rel(o1, o2)
+        for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
+                               ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
+            fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
+            x1, i1, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 12, tol, init, True, cu, idx, C,
+                                        *((v, hv) if fused else ()), cg_precond=pre)
+            outs = [torch_chunk_cg_solve(p[0], p[1], p[3], gc, hh, lamb, 12, tol, init, True, C, pre)
+                    for p, gc, hh in zip(pieces, gcs, hs)]
+            x2 = torch.cat([o[0][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
+            i2 = torch.cat([o[1][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
+            err = rel(x1, x2)
+            mismatch = (i1 != i2).float().mean().item()
+            print(B, T, varlen, init, pre, tol, err, mismatch, flush=True)
+            assert err < 1e-4, err
+            assert mismatch < 0.05, mismatch
+            if fused:
+                o2 = torch.cat([chunk_output(pad_to_chunks(x1[:, s:e], C), p[1], p[3][..., None] * p[4], hh, gc,
+                                             C)[:, :e - s] for p, gc, hh, s, e in
+                                zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
+                assert rel(o1, o2) < 1e-5, rel(o1, o2)
         if K <= 128:  # cg_steps = 0: x = q and the GLA output
             x0, _, o0 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 0, None, 'jacobi', False, cu, idx, C,
                                        v, hv)
