@@ -45,6 +45,7 @@ def fused_recurrent_mesa_fwd_kernel(
     BC: tl.constexpr,
     BV: tl.constexpr,
     CG_INIT: tl.constexpr,
+    PRECOND: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     USE_QK_L2NORM_IN_KERNEL: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -57,7 +58,8 @@ def fused_recurrent_mesa_fwd_kernel(
     # NB > 1 (K in (128, 256]): h_kk is streamed through ht_kk (L2-resident) in [BC, BK] row blocks, once for
     # its update and once per CG iteration.
     # h_kv is streamed once per token in [BK, BV] tiles: its update, the readout o = h_kv^T x, the store.
-    # CG_INIT: 0 = no CG (x = q, cg_steps == 0), 1 = Jacobi start, 2 = zero start.
+    # CG_INIT: 0 = no CG (x = q, cg_steps == 0), 1 = Jacobi start, 2 = zero start. PRECOND: CG preconditioned
+    # with diag(H_t) + lamb (z = r / diag), else plain CG.
     NB: tl.constexpr = BK // BC
     i_nh = tl.program_id(0).to(tl.int64)
     i_n, i_h = i_nh // H, i_nh % H
@@ -146,8 +148,13 @@ def fused_recurrent_mesa_fwd_kernel(
             else:
                 b_x = tl.zeros([BK], dtype=tl.float32)
                 b_r = b_q
-            b_p = b_r
             b_rs = tl.sum(b_r * b_r)
+            if PRECOND:
+                b_p = b_r / (b_diag + b_lamb)
+                b_rz = tl.sum(b_r * b_p)
+            else:
+                b_p = b_r
+                b_rz = b_rs
             # stop once ||r|| <= max(cg_tol, eps) ||r_0|| (cg_tol2 is its square): past the machine-precision
             # floor the recursive residual underflows and CG diverges
             b_thresh = cg_tol2 * b_rs
@@ -166,12 +173,18 @@ def fused_recurrent_mesa_fwd_kernel(
                         b_Ap += tl.sum(b_blk * b_pb[:, None], 0)
                 b_Ap = b_Ap + b_lamb * b_p
                 b_pAp = tl.sum(b_p * b_Ap)
-                b_alpha = tl.where(b_pAp > 0, b_rs / tl.where(b_pAp > 0, b_pAp, 1.), 0.)
+                b_alpha = tl.where(b_pAp > 0, b_rz / tl.where(b_pAp > 0, b_pAp, 1.), 0.)
                 b_x = b_x + b_alpha * b_p
                 b_r = b_r - b_alpha * b_Ap
-                b_rs_new = tl.sum(b_r * b_r)
-                b_p = b_r + tl.where(b_rs > 0, b_rs_new / tl.where(b_rs > 0, b_rs, 1.), 0.) * b_p
-                b_rs = b_rs_new
+                b_rs = tl.sum(b_r * b_r)
+                if PRECOND:
+                    b_z = b_r / (b_diag + b_lamb)
+                    b_rz_new = tl.sum(b_r * b_z)
+                else:
+                    b_z = b_r
+                    b_rz_new = b_rs
+                b_p = b_z + tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.) * b_p
+                b_rz = b_rz_new
                 i_it += 1
             if STORE_ITERS:
                 tl.store(iters + i_tok * H + i_h, i_it)
@@ -239,6 +252,7 @@ def fused_recurrent_mesa_fwd_triton(
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_iters: bool = False,
+    cg_precond: str = 'none',
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """The Triton path (inputs already checked). Returns o (v's dtype), the float32 final state and the
     CG iteration counts (int32 `[B, T, H]`, or None).
@@ -289,6 +303,7 @@ def fused_recurrent_mesa_fwd_triton(
             BC=BC,
             BV=BV,
             CG_INIT=init,
+            PRECOND=cg_precond == 'jacobi',
             USE_INITIAL_STATE=initial_state is not None,
             USE_QK_L2NORM_IN_KERNEL=use_qk_l2norm_in_kernel,
             IS_VARLEN=cu_seqlens is not None,
@@ -313,6 +328,7 @@ def fused_recurrent_mesa_fwd_torch(
     cu_seqlens: torch.LongTensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_iters: bool = False,
+    cg_precond: str = 'none',
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
     """The PyTorch path (inputs already checked), batched over sequences and heads.
 
@@ -367,8 +383,11 @@ def fused_recurrent_mesa_fwd_torch(
             else:
                 x = torch.zeros_like(b)
                 r = b
-            p = r
+            diag = torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb
+            z = r / diag if cg_precond == 'jacobi' else r
+            p = z
             rs = (r * r).sum(-1, keepdim=True)
+            rz = (r * z).sum(-1, keepdim=True)
             thresh = tol2 * rs
             for _ in range(cg_steps):
                 # a (sequence, head) whose residual reached the threshold keeps its x from here on
@@ -378,13 +397,16 @@ def fused_recurrent_mesa_fwd_torch(
                 count += active[..., 0].int()
                 ap = matvec(p)
                 pap = (p * ap).sum(-1, keepdim=True)
-                alpha = torch.where(active & (pap > 0), rs / torch.where(pap > 0, pap, 1), 0)
+                alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, 1), 0)
                 x = x + alpha * p
                 r = r - alpha * ap
                 rs_new = (r * r).sum(-1, keepdim=True)
-                p_new = r + torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1), 0) * p
+                z = r / diag if cg_precond == 'jacobi' else r
+                rz_new = (r * z).sum(-1, keepdim=True)
+                p_new = z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0) * p
                 p = torch.where(active, p_new, p)
                 rs = torch.where(active, rs_new, rs)
+                rz = torch.where(active, rz_new, rz)
         outs.append(torch.einsum('nhk,nhkv->nhv', x, h_kv))
         counts.append(count)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(N, 0, H, V)
@@ -395,11 +417,11 @@ def fused_recurrent_mesa_fwd_torch(
 
 
 def fused_recurrent_mesa_fwd(q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens,
-                             use_qk_l2norm_in_kernel, return_cg_iters):
+                             use_qk_l2norm_in_kernel, return_cg_iters, cg_precond):
     fwd = fused_recurrent_mesa_fwd_triton if q.is_cuda else fused_recurrent_mesa_fwd_torch
     return fwd(q=q, k=k, v=v, g=g, beta=beta, lamb=lamb, cg_steps=cg_steps, cg_tol=cg_tol, cg_init=cg_init,
                initial_state=initial_state, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-               return_cg_iters=return_cg_iters)
+               return_cg_iters=return_cg_iters, cg_precond=cg_precond)
 
 
 class FusedRecurrentMesaFunction(torch.autograd.Function):
@@ -436,6 +458,7 @@ def fused_recurrent_mesa(
     use_qk_l2norm_in_kernel: bool = False,
     return_cg_iters: bool = False,
     check_values: bool = True,
+    cg_precond: str = 'none',
 ):
     r"""
     Mesa, token by token: the decoding path (forward only, for inference).
@@ -466,6 +489,9 @@ def fused_recurrent_mesa(
             floor `eps * ||r_0||`. Default: `None`.
         cg_init (str):
             the CG start: `'jacobi'` (x0 = q / (diag(H_t) + lamb), the paper's) or `'zero'`. Default: `'jacobi'`.
+        cg_precond (str):
+            `'jacobi'`: CG preconditioned with diag(H_t) + lamb, as in `chunk_mesa`; `'none'`: plain CG (the
+            paper's). Default: `'none'`.
         initial_state (Optional[Tuple[torch.Tensor, torch.Tensor]]):
             `(h_kk [N, H, K, K], h_kv [N, H, K, V])` for `N` input sequences (float32; any float dtype is cast).
             For equal-length input sequences, `N` equals the batch size `B`. Default: `None` (zeros).
@@ -518,11 +544,12 @@ def fused_recurrent_mesa(
         >>> h0 = (torch.zeros(B, H, K, K, device='cuda'), torch.zeros(B, H, K, V, device='cuda'))
         >>> o, ht = fused_recurrent_mesa(q, k, v, g, beta, lamb, initial_state=h0, output_final_state=True)
     """
-    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values)
+    check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init, check_values,
+                 cg_precond)
     if initial_state is not None:
         initial_state = tuple(initial_state)
     args = (q, k, v, g, beta, lamb, cg_steps, cg_tol, cg_init, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
-            return_cg_iters)
+            return_cg_iters, cg_precond)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, lamb) + (initial_state or ())):
         # through autograd only so that a backward through the outputs raises a clear error
         o, h_kk, h_kv, iters = FusedRecurrentMesaFunction.apply(*args)

@@ -149,21 +149,22 @@ if given is not None:
     @cpu_settings
     @given(shape=shapes, gates=st.sampled_from(GATES), lambs=lamb_ranges, h0=st.booleans(),
            cg_steps=st.integers(0, 8), cg_init=st.sampled_from(['jacobi', 'zero']), l2=st.booleans(),
-           seed=st.integers(0, 2 ** 16))
-    def test_matches_naive_cg(shape, gates, lambs, h0, cg_steps, cg_init, l2, seed):
+           cg_precond=st.sampled_from(['none', 'jacobi']), seed=st.integers(0, 2 ** 16))
+    def test_matches_naive_cg(shape, gates, lambs, h0, cg_steps, cg_init, l2, cg_precond, seed):
         B, T, H, K, V = shape
         q, k, v, g, beta, lamb, state = make_inputs(B, T, H, K, V, gates=gates, lamb_lo=lambs[0],
                                                     lamb_hi=lambs[1], h0=h0, seed=seed, normalize_k=not l2)
         o, ht, iters = fused_recurrent_mesa(q, k, v, g, beta, lamb, cg_steps=cg_steps, cg_init=cg_init,
                                             initial_state=state, output_final_state=True,
-                                            use_qk_l2norm_in_kernel=l2, return_cg_iters=True)
+                                            use_qk_l2norm_in_kernel=l2, return_cg_iters=True, cg_precond=cg_precond)
         # every token runs cg_steps iterations unless its residual reaches the machine-precision floor first
         # (at once for K = 1, where the Jacobi start is the solution)
         assert iters.dtype == torch.int32 and iters.shape == (B, T, H)
         assert 0 <= int(iters.min()) and int(iters.max()) <= cg_steps
         ref_state = None if state is None else tuple(s.double() for s in state)
         ro, rt = naive_cg_mesa(q, k, v, g, beta, lamb, cg_steps=cg_steps, cg_init=cg_init,
-                               initial_state=ref_state, output_final_state=True, use_qk_l2norm=l2)
+                               initial_state=ref_state, output_final_state=True, use_qk_l2norm=l2,
+                               cg_precond=cg_precond)
         assert o.dtype == torch.float64 and ht[0].dtype == torch.float64
         assert_rel(o, ro, 1e-10, 'o')
         assert_rel(ht[0], rt[0], 1e-12, 'h_kk')
@@ -311,7 +312,7 @@ def test_check_values_false_skips_only_the_value_checks():
 
 
 @pytest.mark.parametrize('bad', ['lamb_zero', 'g_positive', 'k_shape', 'cg_init', 'cg_tol', 'cg_steps',
-                                 'varlen_batch', 'state_shape', 'beta_shape'])
+                                 'varlen_batch', 'state_shape', 'beta_shape', 'cg_precond'])
 def test_bad_inputs_raise(bad):
     q, k, v, g, beta, lamb, state = make_inputs(2, 3, 2, 4, 3, seed=6)
     kw = dict(initial_state=state)
@@ -335,6 +336,8 @@ def test_bad_inputs_raise(bad):
         kw['initial_state'] = (state[0][:1], state[1])
     elif bad == 'beta_shape':
         beta = beta[..., None]
+    elif bad == 'cg_precond':
+        kw['cg_precond'] = 'diag'
     with pytest.raises(ValueError):
         fused_recurrent_mesa(q, k, v, g, beta, lamb, **kw)
 
@@ -375,6 +378,8 @@ INTERPRETER_CASES = [
     ('bf16', (2, 2, 2, 32, 64), 'bfloat16', dict(cg_steps=8, cg_init='zero')),
     ('k200_varlen_empty', (1, 2, 1, 200, 24), 'float32', dict(cg_steps=3, cu_seqlens=[0, 0, 2])),
     ('varlen_empty_no_state', (1, 2, 2, 16, 8), 'float32', dict(cg_steps=3, cu_seqlens=[0, 2, 2], h0=False)),
+    ('precond_tol', (2, 3, 2, 24, 12), 'float32', dict(cg_steps=30, cg_tol=1e-3, cg_precond='jacobi')),
+    ('k200_streamed_precond', (1, 2, 1, 200, 40), 'float32', dict(cg_steps=4, cg_init='zero', cg_precond='jacobi')),
 ]
 
 
@@ -426,7 +431,8 @@ def test_triton_kernel_under_interpreter():
 # catches type and layout errors that the interpreter does not see
 
 
-def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=False, store_iters=False):
+def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=False, store_iters=False,
+                     precond=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -435,7 +441,7 @@ def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=Fa
     BK, BC, BV, num_warps = kernel_config(K, V)
     ptr = {'q': dtype, 'k': dtype, 'v': dtype, 'o': dtype, 'g': 'fp32', 'beta': 'fp32', 'lamb': 'fp32',
            'ht_kk': 'fp32', 'ht_kv': 'fp32'}
-    const = dict(H=4, K=K, V=V, BK=BK, BC=BC, BV=BV, CG_INIT=cg_init, USE_INITIAL_STATE=h0,
+    const = dict(H=4, K=K, V=V, BK=BK, BC=BC, BV=BV, CG_INIT=cg_init, PRECOND=precond, USE_INITIAL_STATE=h0,
                  USE_QK_L2NORM_IN_KERNEL=l2, IS_VARLEN=varlen, STORE_ITERS=store_iters)
     if store_iters:
         ptr['iters'] = 'i32'
@@ -460,6 +466,7 @@ def compile_for_sm90(K, V, dtype='bf16', cg_init=1, h0=True, l2=False, varlen=Fa
 @pytest.mark.skipif(HAS_CUDA, reason="the real kernel runs in the gpu tests")
 @pytest.mark.parametrize('cfg', [dict(K=128, V=128, l2=True, varlen=True, store_iters=True),
                                  dict(K=256, V=200, dtype='fp16', cg_init=2, h0=False),
+                                 dict(K=128, V=128, precond=True), dict(K=200, V=64, cg_init=2, precond=True),
                                  dict(K=48, V=64, dtype='fp32', cg_init=0)])
 def test_triton_kernel_compiles_for_sm90(cfg):
     try:
