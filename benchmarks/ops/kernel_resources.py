@@ -1,7 +1,8 @@
 """Registers, spills and matrix instructions of the chunk kernels, compiled for Hopper (sm_90a) without a GPU.
 
 Usage: python benchmarks/ops/kernel_resources.py [--dims 128 64]
-Compiles `chunk_cg_kernel` (with and without its fused output pass) and `chunk_states_kernel` at the launch
+Compiles `chunk_cg_kernel` (with and without its fused output pass, and with the Jacobi preconditioner) and
+`chunk_states_kernel` at the launch
 configurations `chunk_mesa` uses for bf16 inputs, with Triton's bundled ptxas, and prints ptxas's report (registers,
 spill bytes) and whether the products are Hopper's wgmma or the older mma.sync: what limits a kernel before any
 timing (benchmarks/RESULTS.md).
@@ -41,17 +42,18 @@ def report(name: str, compiled) -> str:
     return f"| {name} | {'; '.join(lines)} | {mma} |"
 
 
-def cg_kernel(K: int, output: bool):
+def cg_kernel(K: int, output: bool, precond: bool = False):
     cfg = cg_launch_config(K)
     sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
                tol_sq='fp32', steps='i32', T='i32')
     const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
-                 SOLVE=True, JACOBI=True, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
+                 SOLVE=True, JACOBI=True, PRECOND=precond, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
     if output:
         sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
     else:
         const.update(v=None, h_kv=None, o=None)
-    name = f"chunk_cg_kernel K={K} rows={cfg['BR']} warps={cfg['num_warps']}{' + output' if output else ''}"
+    name = (f"chunk_cg_kernel K={K} rows={cfg['BR']} warps={cfg['num_warps']}{' + output' if output else ''}"
+            f"{' + Jacobi preconditioner' if precond else ''}")
     return name, compile_kernel(chunk_cg_kernel, sig, const, cfg['num_warps'], 1)
 
 
@@ -70,7 +72,8 @@ def main():
     args = p.parse_args()
     print(f"triton {triton.__version__}, target sm_90a\n\n| kernel | ptxas | products |\n|---|---|---|")
     for K in args.dims:
-        for name, compiled in (cg_kernel(K, False), cg_kernel(K, True), states_kernel(K)):
+        for name, compiled in (cg_kernel(K, False), cg_kernel(K, True), cg_kernel(K, True, precond=True),
+                               states_kernel(K)):
             print(report(name, compiled), flush=True)
 
 
