@@ -14,7 +14,7 @@ from fla.layers.utils import get_layer_cache, pad_input, repad_hidden_states, un
 
 from fla_mesa.layers.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
 from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa
-from fla_mesa.ops.utils import CG_INITS
+from fla_mesa.ops.utils import CG_INITS, CG_PRECONDS
 from fla_mesa.ops.utils import forget_gate_cap as apply_forget_gate_cap
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ class MesaAttention(nn.Module):
         decode_cg_steps (int): CG iterations when continuing a cached state (decoding). Default: 30.
         cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`). Default: `None`.
         cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`. Default: `'jacobi'`.
+        cg_precond (str): `'jacobi'` preconditions CG with `diag(H + Lambda)` (fewer iterations once lambda differs
+            across channels, `benchmarks/RESULTS.md`); `'none'`, the paper's plain CG. Default: `'none'`.
         fp32_backward (bool): `chunk_mesa`'s option: float32 products in the backward's GLA passes on CUDA, for
             gradients more accurate than fla's MesaNet's; `False` is faster (about 0.9x the op's forward+backward
             GPU time at D=128 and 64) but needs more memory, with bf16 gradient errors 1.3-1.8x fla's.
@@ -106,6 +108,7 @@ class MesaAttention(nn.Module):
         decode_cg_steps: int = 30,
         cg_tol: float | None = None,
         cg_init: str = 'jacobi',
+        cg_precond: str = 'none',
         fp32_backward: bool = True,
         layer_idx: int | None = None,
         norm_eps: float = 1e-5,
@@ -127,6 +130,8 @@ class MesaAttention(nn.Module):
             raise ValueError(f"MesaAttention: unknown mode {mode!r}; expected one of {MODES}")
         if cg_init not in CG_INITS:
             raise ValueError(f"MesaAttention: unknown cg_init {cg_init!r}; expected one of {CG_INITS}")
+        if cg_precond not in CG_PRECONDS:
+            raise ValueError(f"MesaAttention: unknown cg_precond {cg_precond!r}; expected one of {CG_PRECONDS}")
         if not lambda_lower_bound > 0:
             raise ValueError(f"MesaAttention: lambda_lower_bound must be > 0 (H + Lambda must stay positive definite), "
                              f"got {lambda_lower_bound!r}")
@@ -163,6 +168,7 @@ class MesaAttention(nn.Module):
         self.decode_cg_steps = decode_cg_steps
         self.cg_tol = cg_tol
         self.cg_init = cg_init
+        self.cg_precond = cg_precond
         self.fp32_backward = fp32_backward
         self.layer_idx = layer_idx
         self.norm_eps = norm_eps
@@ -221,7 +227,7 @@ class MesaAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, head_v_dim={self.head_v_dim}, mode={self.mode}, "
                 f"cg_steps={self.cg_steps}, decode_cg_steps={self.decode_cg_steps}, cg_tol={self.cg_tol}, "
-                f"cg_init={self.cg_init}, forget_gate_cap={self.forget_gate_cap}, "
+                f"cg_init={self.cg_init}, cg_precond={self.cg_precond}, forget_gate_cap={self.forget_gate_cap}, "
                 f"lambda_lower_bound={self.lambda_lower_bound}")
 
     def get_lambda(self) -> torch.Tensor:
@@ -294,7 +300,8 @@ class MesaAttention(nn.Module):
                              f"input has {num_seqs}")
 
         # lamb > 0 and g <= 0 by construction: the ops' value checks would wait for the device every call
-        cg_kwargs = dict(cg_steps=cg_steps, cg_tol=self.cg_tol, cg_init=self.cg_init, initial_state=recurrent_state,
+        cg_kwargs = dict(cg_steps=cg_steps, cg_tol=self.cg_tol, cg_init=self.cg_init, cg_precond=self.cg_precond,
+                         initial_state=recurrent_state,
                          output_final_state=use_cache, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
                          check_values=False)
         if not use_recurrent:

@@ -38,6 +38,7 @@ def make_layer(seed=0, **kw):
     (dict(lambda_init=0.1), 'lambda_init'),
     (dict(mode='parallel'), 'mode'),
     (dict(cg_init='ones'), 'cg_init'),
+    (dict(cg_precond='diag'), 'cg_precond'),
     (dict(cg_steps=-1), 'cg_steps'),
     (dict(decode_cg_steps=1.5), 'decode_cg_steps'),
     (dict(cg_tol=2.0), 'cg_tol'),
@@ -194,9 +195,11 @@ def test_layer_skips_the_ops_value_checks(monkeypatch):
     assert seen == [('chunk_mesa', False), ('fused_recurrent_mesa', False)]  # prefill, then one decoded token
 
 
-def test_fused_recurrent_mode_matches_chunk():
-    chunk = make_layer(cg_steps=30).eval()
-    rec = make_layer(cg_steps=30, mode='fused_recurrent').eval()
+@pytest.mark.parametrize('cg_precond', ['none', 'jacobi'])
+def test_fused_recurrent_mode_matches_chunk(cg_precond):
+    chunk = make_layer(cg_steps=30, cg_precond=cg_precond).eval()
+    rec = make_layer(cg_steps=30, mode='fused_recurrent', cg_precond=cg_precond).eval()
+    assert chunk.cg_precond == cg_precond
     x = torch.randn(2, 9, D)
     with torch.no_grad():
         torch.testing.assert_close(rec(x)[0], chunk(x)[0], rtol=1e-4, atol=1e-5)

@@ -49,12 +49,13 @@ def test_auto_classes():
 def test_config_knobs_reach_every_layer():
     kw = dict(cg_steps=7, decode_cg_steps=5, cg_tol=1e-3, cg_init='zero', forget_gate_cap=0.99, lambda_init=2.0,
               lambda_lower_bound=0.5, use_output_gate=True, use_mamba_gate=True, expand_v=2, conv_size=3,
-              fp32_backward=False)
+              fp32_backward=False, cg_precond='jacobi')
     model = MesaForCausalLM(tiny_config(**kw))
     for block in model.model.layers:
         layer = block.attn
         assert isinstance(layer, MesaAttention)
         assert (layer.cg_steps, layer.decode_cg_steps, layer.cg_tol, layer.cg_init) == (7, 5, 1e-3, 'zero')
+        assert layer.cg_precond == 'jacobi'
         assert (layer.forget_gate_cap, layer.lambda_lower_bound) == (0.99, 0.5)
         assert layer.fp32_backward is False
         assert layer.use_output_gate and layer.use_mamba_gate and layer.head_v_dim == 32

@@ -524,7 +524,8 @@ def test_gpu_tol_varlen_l2norm_steps0(K, V):
     N, T, H = len(bounds) - 1, bounds[-1], 2
     q, k, v, g, beta, lamb, state = _gpu_case(1, T, H, K, V, torch.bfloat16, seed=11, N=N)
     cu = torch.tensor(bounds, device='cuda')
-    for kw in (dict(cg_steps=30, cg_tol=1e-3), dict(cg_steps=0), dict(cg_steps=12, use_qk_l2norm_in_kernel=True)):
+    for kw in (dict(cg_steps=30, cg_tol=1e-3), dict(cg_steps=0), dict(cg_steps=12, use_qk_l2norm_in_kernel=True),
+               dict(cg_steps=30, cg_tol=1e-3, cg_precond='jacobi')):
         o, ht, it = fused_recurrent_mesa(q, k, v, g, beta, lamb, initial_state=state, cu_seqlens=cu,
                                          output_final_state=True, return_cg_iters=True, **kw)
         co, ct, cit = fused_recurrent_mesa(*[x.cpu() for x in (q, k, v, g, beta, lamb)],

@@ -15,8 +15,8 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
 
     The layer knobs (`num_heads`, `head_dim`, `expand_v`, `use_output_gate`, `use_mamba_gate`, `use_short_conv`,
     `conv_size`, `conv_bias`, `lambda_init`, `lambda_lower_bound`, `forget_gate_cap`, `cg_steps`,
-    `decode_cg_steps`, `cg_tol`, `cg_init`, `fp32_backward`, `attn_mode`) are passed to every Mesa layer; see
-    `MesaAttention`.
+    `decode_cg_steps`, `cg_tol`, `cg_init`, `cg_precond`, `fp32_backward`, `attn_mode`) are passed to every Mesa
+    layer; see `MesaAttention`.
 
     Model knobs as fla's models (`hidden_ratio`/`intermediate_size` of the MLP, `fuse_norm`, `fuse_swiglu`,
     `fuse_cross_entropy`, `fuse_linear_cross_entropy`: fused Triton kernels, used for CUDA tensors only), plus:
@@ -54,6 +54,7 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         decode_cg_steps: int = 30,
         cg_tol: float | None = None,
         cg_init: str = 'jacobi',
+        cg_precond: str = 'none',
         fp32_backward: bool = True,
         cg_steps_train_range: tuple[int, int] | None = None,
         max_position_embeddings: int = 2048,
@@ -95,6 +96,7 @@ class MesaConfig(AttentionConfigBase, PreTrainedConfig):
         self.decode_cg_steps = decode_cg_steps
         self.cg_tol = cg_tol
         self.cg_init = cg_init
+        self.cg_precond = cg_precond
         self.fp32_backward = fp32_backward
         self.cg_steps_train_range = cg_steps_train_range
         self.max_position_embeddings = max_position_embeddings

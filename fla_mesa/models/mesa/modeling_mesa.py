@@ -75,6 +75,7 @@ class MesaBlock(GradientCheckpointingLayer):
                 decode_cg_steps=config.decode_cg_steps,
                 cg_tol=config.cg_tol,
                 cg_init=config.cg_init,
+                cg_precond=config.cg_precond,
                 fp32_backward=config.fp32_backward,
                 layer_idx=layer_idx,
                 norm_eps=config.norm_eps,
