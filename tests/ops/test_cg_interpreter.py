@@ -118,19 +118,21 @@ FORWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         g = -torch.rand(1, T, 2) * (0.001 if repeat else 0.3)
         beta, lamb = torch.rand(1, T, 2), torch.rand(2, K) + lamb_lo
         q, k, v = (t.to(dtype) for t in (q, k, v))
-        o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', True, True,
-                                              None, None, 64)
-        args = [t.double() for t in (q, k, v, g, beta, lamb)]
-        o_ref, (hk, hv) = (naive_recurrent_mesa(*args, output_final_state=True) if steps else
-                           naive_cg_mesa(*args, cg_steps=0, output_final_state=True))
-        errs = rel(o, o_ref), rel(ht_kk, hk), rel(ht_kv, hv)
-        print(T, K, V, steps, dtype, errs, flush=True)
-        assert o.dtype == dtype and torch.isfinite(o).all()
-        assert errs[0] < bound and max(errs[1:]) < 1e-5, errs
+        # the first case also with the Jacobi preconditioner: the same converged output
+        for pre in (('none', 'jacobi') if T == 100 else ('none',)):
+            o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', True,
+                                                  True, None, None, 64, pre)
+            args = [t.double() for t in (q, k, v, g, beta, lamb)]
+            o_ref, (hk, hv) = (naive_recurrent_mesa(*args, output_final_state=True) if steps else
+                               naive_cg_mesa(*args, cg_steps=0, output_final_state=True))
+            errs = rel(o, o_ref), rel(ht_kk, hk), rel(ht_kv, hv)
+            print(T, K, V, steps, dtype, pre, errs, flush=True)
+            assert o.dtype == dtype and torch.isfinite(o).all()
+            assert errs[0] < bound and max(errs[1:]) < 1e-5, errs
         assert steps > 0 or (torch.equal(x, q.float()) and iters.eq(0).all())
         if steps == 0:  # without a final state, H's states are not computed at all: the same output
             o_no_state = _cuda_fwd(q, k, v, g, beta, lamb, None, None, 0, None, 'jacobi', False, False, None, None,
-                                   64)[0]
+                                   64, 'none')[0]
             assert torch.equal(o_no_state, o)
     print('OK')
 ''')
@@ -244,15 +246,16 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         return dh.float(), (run.float() if h0 is not None else None)
     chunk._state_grads = torch_state_grads
 
-    # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, bounds on the errors of the
-    # gradients in the inputs' dtype and of the float32 ones (g, beta, lamb)): float32 products here (no tf32); bf16
-    # gradients are rounded toward zero by the interpreter, relative error up to 2^-8
+    # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, CG preconditioner, bounds on
+    # the errors of the gradients in the inputs' dtype and of the float32 ones (g, beta, lamb)): float32 products
+    # here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error up to 2^-8
     bf16_errs = {}
-    for T, K, V, dtype, steps, init, final, fp32_bwd, bounds in [
-            (100, 32, 48, torch.float32, 30, True, True, True, (1e-5, 1e-5)),
-            (70, 16, 16, torch.float32, 0, False, True, True, (1e-5, 1e-5)),   # GLA: H's side only for dht_kk
-            (90, 32, 32, torch.bfloat16, 30, False, False, True, (2 ** -8, 1e-5)),
-            (90, 32, 32, torch.bfloat16, 30, False, False, False, (3e-2, 3e-2))]:
+    for T, K, V, dtype, steps, init, final, fp32_bwd, pre, bounds in [
+            (100, 32, 48, torch.float32, 30, True, True, True, 'none', (1e-5, 1e-5)),
+            (100, 32, 48, torch.float32, 30, True, True, True, 'jacobi', (1e-5, 1e-5)),
+            (70, 16, 16, torch.float32, 0, False, True, True, 'none', (1e-5, 1e-5)),   # GLA: H's side only for dht_kk
+            (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -8, 1e-5)),
+            (90, 32, 32, torch.bfloat16, 30, False, False, False, 'none', (3e-2, 3e-2))]:
         B, H = 2, 2
         q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype) for _ in range(2))
         v = torch.randn(B, T, H, V).to(dtype)
@@ -261,9 +264,10 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         h0 = (a @ a.transpose(-1, -2), torch.randn(B, H, K, V)) if init else (None, None)
         do = torch.randn(B, T, H, V)
         dht = (torch.randn(B, H, K, K), torch.randn(B, H, K, V)) if final else (None, None)
-        _, _, _, x, _ = chunk._cuda_fwd(q, k, v, g, beta, lamb, *h0, steps, None, 'jacobi', False, final, None, None, 64)
+        _, _, _, x, _ = chunk._cuda_fwd(q, k, v, g, beta, lamb, *h0, steps, None, 'jacobi', False, final, None, None, 64,
+                                        pre)
         grads = chunk._cuda_bwd(q, k, v, g, beta, lamb, *h0, x, do.to(dtype), *dht, steps, None, 'jacobi', fp32_bwd,
-                                None, None, 64)
+                                None, None, 64, pre)
         leaves = [t.double().requires_grad_() for t in (q, k, v, g, beta, lamb)]
         states = [None if s is None else s.double().requires_grad_() for s in h0]
         with torch.enable_grad():
