@@ -10,6 +10,8 @@ decoding tokens/s (eager calls, and CUDA graphs without the host's launch overhe
 """
 
 import argparse
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,7 @@ from triton.testing import do_bench
 from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa, naive_recurrent_mesa
 
 
-def inputs(B, T, H, D, requires_grad, seed=0):
+def inputs(B, T, H, D, requires_grad, seed=0, lamb_range=(1.0, 1.0)):
     gen = torch.Generator(device='cuda').manual_seed(seed)
 
     def randn(*s):
@@ -29,7 +31,8 @@ def inputs(B, T, H, D, requires_grad, seed=0):
     v = randn(B, T, H, D).bfloat16()
     g = F.logsigmoid(randn(B, T, H) + 4.0)          # gamma mostly in (0.95, 1): long memory, hard solves
     beta = torch.sigmoid(randn(B, T, H))
-    lamb = torch.ones(H, D, device='cuda')
+    lo, hi = (math.log(x) for x in lamb_range)  # lamb log-uniform over (head, channel); (1, 1) gives ones
+    lamb = torch.exp(lo + (hi - lo) * torch.rand(H, D, generator=gen, device='cuda'))
     ts = [q, k, v, g, beta, lamb]
     return [t.requires_grad_(requires_grad) for t in ts]
 
@@ -68,7 +71,8 @@ def ops(steps):
         **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (lambda *a, tol=tol: mesa(*a, cg_steps=steps, cg_tol=tol))
            for tol in ((1e-2, 1e-3) if steps == 30 else ())},
         **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True),
-            f'chunk_mesa, {steps} CG, fp32_backward=False': lambda *a: mesa(*a, cg_steps=steps, fp32_backward=False)}
+            f'chunk_mesa, {steps} CG, fp32_backward=False': lambda *a: mesa(*a, cg_steps=steps, fp32_backward=False),
+            f'chunk_mesa, {steps} CG, cg_precond=jacobi': lambda *a: mesa(*a, cg_steps=steps, cg_precond='jacobi')}
            if steps == 30 else {}),
         # last: on a fresh machine its backward can autotune for minutes at D=64, after our rows have printed
         f'fla chunk_mesa_net, {steps} CG': lambda q, k, v, g, b, l: chunk_mesa_net(q, k, v, g, b, l, max_CG_iteration=steps)[0],
@@ -174,28 +178,30 @@ def graph_timed(fn, args, backward):
 
 
 GRAPHED = ('chunk_mesa, 30 CG', 'chunk_mesa, 30 CG, fp32_backward=False', 'chunk_mesa, 30 CG, cg_tol=0.01',
-           'fla chunk_mesa_net, 30 CG')
+           'chunk_mesa, 30 CG, cg_precond=jacobi', 'fla chunk_mesa_net, 30 CG')
 
 
 def speed(D, args):
     """Forward and forward+backward times and peak memory, and our time over fla's MesaNet; with `args.graphs`, the
     30-step rows also from CUDA graphs."""
-    print("\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
+    print(f"\nlamb log-uniform in {tuple(args.lamb)} over (head, channel)"
+          "\n| op | fwd ms | fwd+bwd ms | peak GiB (fwd+bwd) |\n|---|---|---|---|")
     times, graphed = {}, {}
+    make = functools.partial(inputs, lamb_range=tuple(args.lamb))
     for steps in (30, 10):
         mesa, _ = ops(steps)
         for name, fn in mesa.items():
-            f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
-            fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+            f, _ = timed(fn, make(args.B, args.T, args.H, D, False), False)
+            fb, mem = timed(fn, make(args.B, args.T, args.H, D, True), True)
             times[name] = (f, fb)
             print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |", flush=True)
             if args.graphs and name in GRAPHED:
-                graphed[name] = tuple(graph_timed(fn, inputs(args.B, args.T, args.H, D, b), b) for b in (False, True))
+                graphed[name] = tuple(graph_timed(fn, make(args.B, args.T, args.H, D, b), b) for b in (False, True))
                 print("|   the same, CUDA graph | " + " | ".join('n/a' if t is None else f'{t:.2f}' for t in graphed[name])
                       + " | |", flush=True)
     for name, fn in ({} if args.no_baselines else ops(0)[1]).items():
-        f, _ = timed(fn, inputs(args.B, args.T, args.H, D, False), False)
-        fb, mem = timed(fn, inputs(args.B, args.T, args.H, D, True), True)
+        f, _ = timed(fn, make(args.B, args.T, args.H, D, False), False)
+        fb, mem = timed(fn, make(args.B, args.T, args.H, D, True), True)
         print(f"| {name} | {f:.2f} | {fb:.2f} | {mem:.2f} |")
     print("\n| ratio ours / fla chunk_mesa_net | fwd | fwd+bwd |\n|---|---|---|")
     for steps in (30, 10):
@@ -205,6 +211,8 @@ def speed(D, args):
     for tol in (1e-2, 1e-3):
         ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
         print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+    ours = times['chunk_mesa, 30 CG, cg_precond=jacobi']
+    print(f"| cg_precond=jacobi vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     if graphed:
         def fmt(t, over=1.0):  # 'n/a' where a graph could not be captured
             return 'n/a' if t is None or over is None else f'{t / over:.2f}'
@@ -225,6 +233,9 @@ def main():
     p.add_argument('--parts', nargs='+', choices=parts, default=list(parts))
     p.add_argument('--graphs', action='store_true', help="also time the 30-step rows from CUDA graphs (GPU time)")
     p.add_argument('--no-baselines', action='store_true', help="skip the GLA, Gated DeltaNet and 0-step rows")
+    p.add_argument('--lamb', type=float, nargs=2, default=[1.0, 1.0], metavar=('LO', 'HI'),
+                   help="speed: lamb log-uniform in [LO, HI] per (head, channel); 1 1 (the default) is all ones. "
+                        "0.25 5 spreads it as a trained layer may, where cg_precond='jacobi' pays")
     args = p.parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, B={args.B} T={args.T} H={args.H} bf16")
     for D in args.dims:
