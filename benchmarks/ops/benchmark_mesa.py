@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/ops/benchmark_mesa.py [--B 8 --T 2048 --H 16 --dims 128 64
                                                 --parts speed accuracy gradients decode] [--graphs] [--no-baselines]
+                                                [--lamb LO HI]
 Prints, per head dim, forward and forward+backward medians (triton.testing.do_bench), our time over
 fla's MesaNet at equal CG steps, peak memory of forward+backward, the output error against a float64
 exact solve for fixed steps and tolerances, every gradient's error against the float64 exact solve's, and
