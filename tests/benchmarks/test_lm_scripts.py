@@ -1,5 +1,5 @@
-"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py and throughput.py, of the tf32 emulation of
-benchmarks/ops/tf32_emulation.py and of the preconditioning study benchmarks/ops/cg_preconditioning.py."""
+"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the tf32
+emulation of benchmarks/ops/tf32_emulation.py and of the preconditioning study benchmarks/ops/cg_preconditioning.py."""
 
 import json
 import math
@@ -80,3 +80,15 @@ def test_cg_preconditioning_study_solves_and_counts():
         assert iters[pre].max() < 60
     assert iters[True].mean() < 0.75 * iters[False].mean()  # 10.1 against 15.8 here; the ratio is 0.35 at D=128
     study.main(['--T', '64', '--H', '1', '--D', '16', '--steps', '5'])
+
+
+def test_cg_precond_trained_smoke():
+    """benchmarks/lm/cg_precond_trained.py, tiny: both CG variants give the same validation loss (both converge),
+    and a tolerance never needs more iterations than the float32 floor."""
+    trained = load(os.path.join(ROOT, 'benchmarks', 'lm', 'cg_precond_trained.py'), 'lm_cg_precond_trained')
+    out = trained.main(['--device', 'cpu', '--steps', '2', '--seq-len', '32', '--batch-size', '2', '--hidden-size',
+                        '64', '--head-dim', '32', '--val-windows', '4'])
+    assert set(out) == {(tol, pre) for tol in (None, 1e-4) for pre in ('none', 'jacobi')}
+    for pre in ('none', 'jacobi'):
+        assert abs(out[(None, pre)][0] - out[(None, 'none')][0]) < 1e-4
+        assert all(0 < t <= f <= 30 for t, f in zip(out[(1e-4, pre)][1], out[(None, pre)][1]))
