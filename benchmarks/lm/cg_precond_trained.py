@@ -27,7 +27,8 @@ def main(argv=None) -> dict:
     model = MesaForCausalLM(config).to(device)
     val = corpus.fixed_windows(data.val, cfg['val_windows'], cfg['seq_len'] + 1)
     losses, train_s = demo.train(model, data, cfg, device, args.seed, progress=False)
-    print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 {statistics.mean(losses[-10:]):.4f}")
+    print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 "
+          f"{statistics.mean(losses[-10:]):.4f}")
     layers = [block.attn for block in model.model.layers]
     for i, layer in enumerate(layers):
         lamb = layer.get_lambda().detach()
