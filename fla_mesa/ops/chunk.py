@@ -277,7 +277,8 @@ def chunk_mesa(
         cg_precond (str): `'jacobi'` runs CG preconditioned with diag(H_t + diag(lamb)), in the forward's solve and
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
             across channels it took 11 iterations a token instead of 31 to the float32 floor; with one lamb per head
-            it gains nothing (benchmarks/RESULTS.md). Each iteration costs one more division per channel.
+            it gains nothing, and in the demo's trained model (lamb within 1.08x) it took 7-20% more iterations
+            (benchmarks/RESULTS.md). Each iteration costs one more division per channel.
         initial_state (tuple | None): `(h_kk [N, H, K, K], h_kv [N, H, K, V])`, N = B, or the number of
             sequences with `cu_seqlens`.
         output_final_state (bool): also return the final state, in the same format.
