@@ -5,7 +5,7 @@
 The shipped solver is plain CG started at the Jacobi point x_0 = q / diag(H_t + Lambda) (the paper's start).
 Preconditioned CG with M = diag(H_t + Lambda) uses the same diagonal at every iteration (z = r / d), for one more
 [tokens, K] vector and one division an iteration. This script runs both on the chunked PyTorch twin of the op
-(`fla_mesa.ops.torch_chunk`, float32, chunk 64, the same inputs for both) and prints the mean and largest
+(`torch_chunk_cg_solve`, float32, chunk 64, the same inputs for both) and prints the mean and largest
 iterations per token until ||r|| <= max(tol, eps_fp32) ||r_0|| (the op's stopping rule), capped at `--steps`.
 The inputs: `benchmark_mesa.py`'s (unit keys and queries rounded to bf16, gamma mostly in (0.95, 1), beta
 uniform-ish), with Lambda and the keys' spread across channels varied: isotropic keys and one lambda (the
@@ -18,45 +18,19 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_diag, chunk_output, chunk_states, decay_matrix
-from fla_mesa.ops.utils import cg_threshold
+from fla_mesa.ops.cg import torch_chunk_cg_solve
+from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_states
 
 C = 64
 
 
 def solve_iterations(q, k, g, beta, lamb, steps, tol, precondition):
     """x_t and the CG iterations per token for (H_t + diag(lamb)) x_t = q_t, `[1, T, H, D]` float32 inputs (T a
-    multiple of 64), Jacobi start, plain or Jacobi-preconditioned."""
+    multiple of 64), Jacobi start, plain or Jacobi-preconditioned: the op's PyTorch twin `torch_chunk_cg_solve`."""
     gc = chunk_cumsum(g, C)
-    kb = beta[..., None] * k
-    h_kk, _ = chunk_states(k, kb, gc, None, C)
-    decay = decay_matrix(gc, C)
-
-    def matvec(p):
-        return chunk_output(p, k, kb, h_kk, gc, C, decay) + lamb * p
-
-    d = chunk_diag(k, beta, gc, h_kk, C, decay) + lamb
-    x = q / d
-    r = q - matvec(x)
-    z = r / d if precondition else r
-    p, rz = z, (r * z).sum(-1)
-    thresh = (r * r).sum(-1) * cg_threshold(tol, torch.float32)
-    iters = torch.zeros(q.shape[:3], dtype=torch.int32)
-    for _ in range(steps):
-        active = (r * r).sum(-1) > thresh
-        if not bool(active.any()):
-            break
-        ap = matvec(p)
-        pap = (p * ap).sum(-1)
-        alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, 1), 0)[..., None]
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = r / d if precondition else r
-        rz_new = (r * z).sum(-1)
-        cg_beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0)[..., None]
-        p = torch.where(active[..., None], z + cg_beta * p, p)
-        rz = torch.where(active, rz_new, rz)
-        iters += active.int()
+    h_kk, _ = chunk_states(k, beta[..., None] * k, gc, None, C)
+    x, iters = torch_chunk_cg_solve(q, k, beta, gc, h_kk, lamb, steps, tol, 'jacobi', True, C,
+                                    'jacobi' if precondition else 'none')
     return x, iters.float()
 
 
