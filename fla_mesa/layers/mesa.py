@@ -70,7 +70,8 @@ class MesaAttention(nn.Module):
         forget_gate_cap (float | None): the cap `b_gamma` of appendix G.5 (`None` disables). Default: 0.9975.
         cg_steps (int): CG iterations for training and prefill. Default: 30.
         decode_cg_steps (int): CG iterations when continuing a cached state (decoding). Default: 30.
-        cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`). Default: `None`.
+        cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`); `None` stops each
+            token at the compute dtype's precision floor `eps * ||r_0||`. Default: `None`.
         cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`. Default: `'jacobi'`.
         cg_precond (str): `'jacobi'` preconditions CG with `diag(H + Lambda)` (fewer iterations once lambda differs
             across channels, `benchmarks/RESULTS.md`); `'none'`, the paper's plain CG. Default: `'none'`.
