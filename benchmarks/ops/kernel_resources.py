@@ -4,12 +4,15 @@ Usage: python benchmarks/ops/kernel_resources.py [--dims 128 64]
 Compiles `chunk_cg_kernel` (with and without its fused output pass, and with the Jacobi preconditioner) and
 `chunk_states_kernel` at the launch
 configurations `chunk_mesa` uses for bf16 inputs, with Triton's bundled ptxas, and prints ptxas's report (registers,
-spill bytes) and whether the products are Hopper's wgmma or the older mma.sync: what limits a kernel before any
-timing (benchmarks/RESULTS.md).
+spill bytes), whether the products are Hopper's wgmma or the older mma.sync, and, from Triton's bundled nvdisasm, the
+instruction mix of one iteration of the kernel's first loop (the CG loop; the state kernel's chunk loop): what limits a kernel before any timing
+(benchmarks/RESULTS.md).
 """
 
 import argparse
+import collections
 import os
+import re
 import subprocess
 import tempfile
 
@@ -20,7 +23,11 @@ from triton.compiler import ASTSource
 from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
 from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
+PTXAS, NVDISASM = os.path.join(BIN, 'ptxas'), os.path.join(BIN, 'nvdisasm')
+# per thread and iteration: tensor-core instructions (mma.sync, wgmma), shared-memory loads and stores, spill
+# reloads and stores (local memory), barriers
+LOOP_OPS = ('HMMA', 'HGMMA', 'LDS', 'LDSM', 'STS', 'LDL', 'STL', 'BAR')
 TARGET = GPUTarget('cuda', 90, 32)
 
 
@@ -39,7 +46,30 @@ def report(name: str, compiled) -> str:
     lines = [ln.split('ptxas info    :')[-1].strip() for ln in res.stderr.splitlines() if 'spill' in ln or 'Used' in ln]
     ptx = compiled.asm['ptx']
     mma = 'wgmma' if 'wgmma.mma_async' in ptx else 'mma.sync' if 'mma.sync' in ptx else 'none'
-    return f"| {name} | {'; '.join(lines)} | {mma} |"
+    return f"| {name} | {'; '.join(lines)} | {mma} | {loop_mix(compiled.asm['cubin'])} |"
+
+
+def loop_mix(cubin: bytes) -> str:
+    """The first loop's instruction mix (`count_first_loop`) in a cubin, disassembled by nvdisasm."""
+    with tempfile.NamedTemporaryFile(suffix='.cubin', delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([NVDISASM, '-c', f.name], capture_output=True, text=True).stdout.splitlines()
+    os.unlink(f.name)
+    ops = count_first_loop(sass)
+    return 'no loop' if ops is None else f"{sum(ops.values())}: " + ', '.join(
+        f"{op} {ops[op]}" for op in LOOP_OPS if ops[op])
+
+
+def count_first_loop(sass: list[str]) -> collections.Counter | None:
+    """Opcodes of the SASS lines from the first loop's label to its backward branch (None without a loop)."""
+    labels = {m.group(1): i for i, ln in enumerate(sass) if (m := re.match(r'^(\.L_x_\d+):', ln))}
+    loops = [(labels[m.group(1)], i) for i, ln in enumerate(sass)
+             if (m := re.search(r'BRA.*`\((\.L_x_\d+)\)', ln)) and labels.get(m.group(1), i) < i]
+    if not loops:
+        return None
+    first, last = min(loops)
+    return collections.Counter(m.group(1) for ln in sass[first:last + 1]
+                               if (m := re.match(r'\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T],? )?([A-Z0-9_]+)', ln)))
 
 
 def cg_kernel(K: int, output: bool, precond: bool = False):
@@ -70,7 +100,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
     args = p.parse_args()
-    print(f"triton {triton.__version__}, target sm_90a\n\n| kernel | ptxas | products |\n|---|---|---|")
+    print(f"triton {triton.__version__}, target sm_90a\n\n| kernel | ptxas | products | first loop, instructions |"
+          "\n|---|---|---|---|")
     for K in args.dims:
         for name, compiled in (cg_kernel(K, False), cg_kernel(K, True), cg_kernel(K, True, precond=True),
                                states_kernel(K)):

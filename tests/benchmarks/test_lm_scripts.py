@@ -1,5 +1,6 @@
 """Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the tf32
-emulation of benchmarks/ops/tf32_emulation.py and of the preconditioning study benchmarks/ops/cg_preconditioning.py."""
+emulation of benchmarks/ops/tf32_emulation.py, of the preconditioning study benchmarks/ops/cg_preconditioning.py and of
+the SASS loop count of benchmarks/ops/kernel_resources.py."""
 
 import json
 import math
@@ -92,3 +93,28 @@ def test_cg_precond_trained_smoke():
     for pre in ('none', 'jacobi'):
         assert abs(out[(None, pre)][0] - out[(None, 'none')][0]) < 1e-4
         assert all(0 < t <= f <= 30 for t, f in zip(out[(1e-4, pre)][1], out[(None, pre)][1]))
+
+
+SASS = """\
+        /*0000*/                   LDG.E R2, desc[UR4][R2.64] ;
+.L_x_3:
+        /*0010*/                   LDS R4, [R5] ;
+        /*0020*/                   HMMA.1688.F32.TF32 R8, R12, R16, R8 ;
+        /*0030*/                   LDS.64 R6, [R5+0x8] ;
+        /*0040*/               @P0 BRA `(.L_x_4) ;
+        /*0050*/                   STL [R1], R4 ;
+.L_x_4:
+        /*0060*/              @!P1 LDL R7, [R1] ;
+        /*0070*/               @P2 BRA P1, `(.L_x_3) ;
+.L_x_5:
+        /*0080*/                   HGMMA.64x16x8.F32.TF32 R24, gdesc[UR8], R24 ;
+        /*0090*/                   BRA `(.L_x_5) ;
+"""
+
+
+def test_kernel_resources_counts_the_first_loop():
+    res = load(os.path.join(ROOT, 'benchmarks', 'ops', 'kernel_resources.py'), 'ops_kernel_resources')
+    ops = res.count_first_loop(SASS.splitlines())
+    assert ops == {'LDS': 2, 'HMMA': 1, 'BRA': 2, 'STL': 1, 'LDL': 1}
+    assert res.count_first_loop(SASS.splitlines()[9:]) == {'HGMMA': 1, 'BRA': 1}
+    assert res.count_first_loop(SASS.splitlines()[:5]) is None  # a forward branch only: no loop
