@@ -5,8 +5,8 @@ Compiles `chunk_cg_kernel` (with and without its fused output pass, and with the
 `chunk_states_kernel` at the launch
 configurations `chunk_mesa` uses for bf16 inputs, with Triton's bundled ptxas, and prints ptxas's report (registers,
 spill bytes), whether the products are Hopper's wgmma or the older mma.sync, and, from Triton's bundled nvdisasm, the
-instruction mix of one iteration of the kernel's first loop (the CG loop; the state kernel's chunk loop): what limits a kernel before any timing
-(benchmarks/RESULTS.md).
+instruction mix of one iteration of the kernel's first loop (the CG loop; the state kernel's chunk loop): what limits
+a kernel before any timing (benchmarks/RESULTS.md).
 """
 
 import argparse
