@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.utils import cg_threshold, check_inputs, l2norm, step_states
+from fla_mesa.ops.utils import cg_init_guess, cg_threshold, check_inputs, l2norm, step_states
 
 
 @triton.jit(do_not_specialize=['T', 'cg_steps', 'cg_tol2'])
@@ -377,13 +377,9 @@ def fused_recurrent_mesa_fwd_torch(
         if cg_steps == 0:
             x = b
         else:
-            if cg_init == 'jacobi':
-                x = b / (torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb)
-                r = b - matvec(x)
-            else:
-                x = torch.zeros_like(b)
-                r = b
             diag = torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb
+            x = cg_init_guess(b, diag, cg_init)
+            r = b - matvec(x) if cg_init == 'jacobi' else b
             z = r / diag if cg_precond == 'jacobi' else r
             p = z
             rs = (r * r).sum(-1, keepdim=True)
