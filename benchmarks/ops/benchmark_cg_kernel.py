@@ -44,11 +44,13 @@ def launch(mod, args, steps, BR=None, num_warps=None):
         BK = max(16, triton.next_power_of_2(K))
         cfg = dict(BR=min(64, 4096 // BK), BK=BK, num_warps=8 if BK >= 128 else 4)
     BK, BR, num_warps = cfg['BK'], BR or cfg['BR'], num_warps or cfg['num_warps']
-    x = torch.empty(B, T, H, K, dtype=torch.float32, device='cuda')
-    iters = torch.empty(B, T, H, dtype=torch.int32, device='cuda')
+    x = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    iters = torch.empty(B, T, H, dtype=torch.int32, device=q.device)
     # kernels since the fused output pass take (v, h_kv, o) and V, BV, OUTPUT: off here (the solve alone)
     fused = 'OUTPUT' in mod.chunk_cg_kernel.arg_names
     out_args, out_opts = ((None,) * 3, dict(V=1, BV=16, OUTPUT=False)) if fused else ((), {})
+    if 'PRECOND' in mod.chunk_cg_kernel.arg_names:  # kernels since preconditioned CG: plain CG, SOLVE on
+        out_opts.update(SOLVE=steps > 0, PRECOND=False)
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         q, k, beta, gc, h_kk, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64,
         BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,

@@ -18,39 +18,49 @@ from fla_mesa.ops.states import chunk_states_fwd
 B, T, H = 8, 2048, 16
 
 
-def main():
+def inputs(D):
+    """Inputs, chunk-start states and outputs of one head dim D, with lamb = 0.01 and forget gates near 1."""
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
+    gen = torch.Generator(device='cuda').manual_seed(0)
+    q = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 6.0)
+    beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
+    lamb = torch.full((H, D), 0.01, device='cuda')
+    gc = chunk_local_cumsum(g, chunk_size=64, scale=RCP_LN2)
+    h_kk, _ = chunk_states_fwd(k, k, beta, gc)
+    h_kv, _ = chunk_states_fwd(k, v, beta, gc)
+    x, o = torch.empty(B, T, H, D, dtype=torch.float32, device='cuda'), torch.empty_like(v)
+    return dict(q=q, k=k, v=v, beta=beta, gc=gc, lamb=lamb, h_kk=h_kk, h_kv=h_kv, x=x, o=o)
+
+
+def launch(d, steps, jacobi, output, BR, warps, BV=64):
+    """`steps` plain CG iterations (tolerance 0, so no token stops), with the Jacobi start and the output pass
+    on or off, at BR rows per program and `warps` warps."""
+    D = d['q'].shape[-1]
+    chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
+        d['q'], d['k'], d['beta'], d['gc'], d['h_kk'], d['lamb'], d['x'], None,
+        *((d['v'], d['h_kv'], d['o']) if output else (None,) * 3), None, None, tol_sq=0., steps=steps, T=T, H=H,
+        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_ITERS=False,
+        OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
+
+
+def main():
     for D in (128, 64):
-        gen = torch.Generator(device='cuda').manual_seed(0)
-        q = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
-        k = F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16()
-        v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
-        g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 6.0)
-        beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
-        lamb = torch.full((H, D), 0.01, device='cuda')
-        gc = chunk_local_cumsum(g, chunk_size=64, scale=RCP_LN2)
-        h_kk, _ = chunk_states_fwd(k, k, beta, gc)
-        h_kv, _ = chunk_states_fwd(k, v, beta, gc)
-        x, o = torch.empty(B, T, H, D, device='cuda'), torch.empty_like(v)
-
-        def launch(steps, jacobi, output, BR, warps, BV=64):
-            chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
-                q, k, beta, gc, h_kk, lamb, x, None, *((v, h_kv, o) if output else (None,) * 3), None, None,
-                tol_sq=0., steps=steps, T=T, H=H, K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, JACOBI=jacobi,
-                STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
-
+        d = inputs(D)
         cfg = cg_launch_config(D)
         BR0, w0 = cfg['BR'], cfg['num_warps']
         print(f"== D={D} (shipped: {BR0} rows, {w0} warps)")
         for steps, jacobi, output in [(0, False, False), (0, True, False), (0, False, True), (0, True, True),
                                       (4, True, False), (16, True, False), (16, True, True)]:
-            t = do_bench(lambda: launch(steps, jacobi, output, BR0, w0), warmup=10, rep=50)
+            t = do_bench(lambda: launch(d, steps, jacobi, output, BR0, w0), warmup=10, rep=50)
             print(f"  steps={steps:2d} jacobi={jacobi:d} output={output:d}: {t:.3f} ms", flush=True)
         res = []
         for BR, w, BV in itertools.product((16, 32, 64), (4, 8), (32, 64)):
-            t4 = do_bench(lambda: launch(4, True, True, BR, w, BV), warmup=5, rep=30)
-            t16 = do_bench(lambda: launch(16, True, True, BR, w, BV), warmup=5, rep=30)
+            t4 = do_bench(lambda: launch(d, 4, True, True, BR, w, BV), warmup=5, rep=30)
+            t16 = do_bench(lambda: launch(d, 16, True, True, BR, w, BV), warmup=5, rep=30)
             res.append((t16, t4, (t16 - t4) / 12, BR, w, BV))
         for t16, t4, per, BR, w, BV in sorted(res)[:8]:
             print(f"  rows={BR} warps={w} BV={BV}: 16 it {t16:.3f} ms, 4 it {t4:.3f} ms, per it {per:.4f} ms",

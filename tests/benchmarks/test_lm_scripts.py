@@ -1,6 +1,6 @@
 """Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the tf32
 emulation of benchmarks/ops/tf32_emulation.py, of the preconditioning study benchmarks/ops/cg_preconditioning.py and of
-the SASS loop count of benchmarks/ops/kernel_resources.py."""
+the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG benchmarks' kernel launches."""
 
 import json
 import math
@@ -118,3 +118,33 @@ def test_kernel_resources_counts_the_first_loop():
     assert ops == {'LDS': 2, 'HMMA': 1, 'BRA': 2, 'STL': 1, 'LDL': 1}
     assert res.count_first_loop(SASS.splitlines()[9:]) == {'HGMMA': 1, 'BRA': 1}
     assert res.count_first_loop(SASS.splitlines()[:5]) is None  # a forward branch only: no loop
+
+
+class _KernelCall:
+    """Stands in for `chunk_cg_kernel[grid]`: checks that a launch gives every argument of the kernel, once."""
+
+    def __init__(self, kernel):
+        self.arg_names, self.calls = kernel.arg_names, 0
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages, **kwargs):
+            assert sorted(kwargs) == sorted(self.arg_names[len(args):])
+            self.calls += 1
+        return run
+
+
+def test_cg_benchmarks_launch_the_kernel_with_its_arguments(monkeypatch):
+    import torch
+
+    from fla_mesa.ops import cg
+    parts = load(os.path.join(ROOT, 'benchmarks', 'ops', 'benchmark_cg_parts.py'), 'ops_benchmark_cg_parts')
+    kernel = load(os.path.join(ROOT, 'benchmarks', 'ops', 'benchmark_cg_kernel.py'), 'ops_benchmark_cg_kernel')
+    fake = _KernelCall(cg.chunk_cg_kernel)
+    monkeypatch.setattr(parts, 'chunk_cg_kernel', fake)
+    monkeypatch.setattr(cg, 'chunk_cg_kernel', fake)
+    d = {name: torch.zeros(1) for name in ('k', 'v', 'beta', 'gc', 'h_kk', 'h_kv', 'lamb', 'x', 'o')}
+    d['q'] = torch.zeros(1, 1, 1, 64)
+    for steps, output in [(0, False), (4, True)]:
+        parts.launch(d, steps, True, output, 16, 4)
+    kernel.launch(cg, (torch.zeros(1, 64, 1, 64),) + (None,) * 5, 4)
+    assert fake.calls == 3
