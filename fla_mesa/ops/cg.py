@@ -24,6 +24,14 @@ from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 MAX_KERNEL_K = 128
 
 
+@triton.jit
+def _system_product(b_p, b_k, b_hm, b_decay, b_eg, b_lamb):
+    # (H_t + diag(lamb)) p_t for the program's rows: exp2(g_t) H_c p_t from the chunk-start state, plus the chunk's
+    # keys up to t (decay holds exp2(g_t - g_s) beta_s), plus lamb * p_t
+    b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
+    return b_eg[:, None] * tl.dot(b_p, b_hm) + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
+
+
 @triton.jit(do_not_specialize=['T', 'steps'])
 def chunk_cg_kernel(
     b,
@@ -95,10 +103,7 @@ def chunk_cg_kernel(
             b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
         if JACOBI:
             b_x = b_b / b_diag
-            b_s = tl.dot(b_x, tl.trans(b_k)) * b_decay
-            b_ax = b_eg[:, None] * tl.dot(b_x, b_hm) \
-                + tl.dot(b_s, b_k) + b_lamb[None, :] * b_x
-            b_r = b_b - b_ax
+            b_r = b_b - _system_product(b_x, b_k, b_hm, b_decay, b_eg, b_lamb)
         else:
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
@@ -115,9 +120,7 @@ def chunk_cg_kernel(
         todo = tl.max(b_rs - b_thresh, 0) > 0
         while (i < steps) & todo:
             b_active = b_rs > b_thresh
-            b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
-            b_ap = b_eg[:, None] * tl.dot(b_p, b_hm) \
-                + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
+            b_ap = _system_product(b_p, b_k, b_hm, b_decay, b_eg, b_lamb)
             b_pap = tl.sum(b_p * b_ap, 1)
             b_alpha = tl.where(b_active & (b_pap > 0), b_rz / tl.where(b_pap > 0, b_pap, 1.), 0.)
             b_x += b_alpha[:, None] * b_p

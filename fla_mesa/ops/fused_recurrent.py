@@ -20,6 +20,21 @@ import triton.language as tl
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold, check_inputs, l2norm, step_states
 
 
+@triton.jit
+def _streamed_state_product(p_hkk, b_x, o_k, o_c, o_b, mask_k, K: tl.constexpr, BC: tl.constexpr,
+                            NB: tl.constexpr):
+    # H x with the symmetric [K, K] state H streamed from p_hkk (L2-resident) in NB row blocks of BC
+    b_x2 = tl.reshape(b_x, (NB, BC))
+    b_hx = tl.zeros([NB * BC], dtype=tl.float32)
+    for i_b in range(NB):
+        o_r = i_b * BC + o_c
+        m_rk = (o_r < K)[:, None] & mask_k[None, :]
+        b_blk = tl.load(p_hkk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
+        b_xb = tl.sum(tl.where(o_b[:, None] == i_b, b_x2, 0.), 0)
+        b_hx += tl.sum(b_blk * b_xb[:, None], 0)
+    return b_hx
+
+
 @triton.jit(do_not_specialize=['T', 'cg_steps', 'cg_tol2'])
 def fused_recurrent_mesa_fwd_kernel(
     q,
@@ -136,14 +151,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 if NB == 1:
                     b_Ax = tl.sum(b_hkk * b_x[:, None], 0)
                 else:
-                    b_x2 = tl.reshape(b_x, (NB, BC))
-                    b_Ax = tl.zeros([BK], dtype=tl.float32)
-                    for i_b in range(NB):
-                        o_r = i_b * BC + o_c
-                        m_rk = (o_r < K)[:, None] & mask_k[None, :]
-                        b_blk = tl.load(p_hkk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
-                        b_xb = tl.sum(tl.where(o_b[:, None] == i_b, b_x2, 0.), 0)
-                        b_Ax += tl.sum(b_blk * b_xb[:, None], 0)
+                    b_Ax = _streamed_state_product(p_hkk, b_x, o_k, o_c, o_b, mask_k, K, BC, NB)
                 b_r = b_q - b_Ax - b_lamb * b_x
             else:
                 b_x = tl.zeros([BK], dtype=tl.float32)
@@ -163,14 +171,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 if NB == 1:
                     b_Ap = tl.sum(b_hkk * b_p[:, None], 0)
                 else:
-                    b_p2 = tl.reshape(b_p, (NB, BC))
-                    b_Ap = tl.zeros([BK], dtype=tl.float32)
-                    for i_b in range(NB):
-                        o_r = i_b * BC + o_c
-                        m_rk = (o_r < K)[:, None] & mask_k[None, :]
-                        b_blk = tl.load(p_hkk + o_r[:, None] * K + o_k[None, :], mask=m_rk, other=0.)
-                        b_pb = tl.sum(tl.where(o_b[:, None] == i_b, b_p2, 0.), 0)
-                        b_Ap += tl.sum(b_blk * b_pb[:, None], 0)
+                    b_Ap = _streamed_state_product(p_hkk, b_p, o_k, o_c, o_b, mask_k, K, BC, NB)
                 b_Ap = b_Ap + b_lamb * b_p
                 b_pAp = tl.sum(b_p * b_Ap)
                 b_alpha = tl.where(b_pAp > 0, b_rz / tl.where(b_pAp > 0, b_pAp, 1.), 0.)
