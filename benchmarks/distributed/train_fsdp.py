@@ -16,7 +16,8 @@ final parameters, and PASS/FAIL against `--tol` (default 1e-4 on CPU fp32; 2e-3 
 TRITON_F32_DEFAULT=ieee: with fla's default tf32 products the two runs' losses part by 2.7e-2 within 3 steps (Adam's
 first steps turn rounding differences in near-zero gradients into lr-sized updates); under ieee they agree to 2.4e-6
 for 3 steps and to 1.5e-3 over 10 (H200 x2, benchmarks/RESULTS.md). `--optimizer sgd` (plain SGD) takes Adam's
-amplification out: on CPU with gloo, 2 processes, 5 tiny steps, the losses then agree to 4.8e-7.
+amplification out: on CPU with gloo, 2 processes, 5 tiny steps, the losses then agree to 4.8e-7. Give it a learning
+rate at which training is stable: at --lr 1.0 on the default preset the loss jumps and the runs part after 3 steps.
 On CUDA the backend is NCCL (leave NCCL's environment as the machine sets it, e.g. NCCL_NVLS_ENABLE=0); on CPU gloo.
 """
 
