@@ -93,10 +93,14 @@ def jobs(args, widths: list[int], seq_lens: list[int]) -> list[dict]:
 
 def warmups(args, widths: list[int], seq_lens: list[int]) -> list[dict]:
     """One short run per row at the smallest cell: compiles and autotunes that row's kernels."""
-    return [{'name': f"_warmup_{label.replace('+', '_')}", 'cost': 1,
-             'cmd': train_cmd(opts, min(widths), min(seq_lens), args, '--steps', str(args.warmup_steps),
-                              '--train-examples', '256', '--test-examples', '16')}
-            for label, opts in rows(args)]
+    out = []
+    for label, opts in rows(args):
+        name = f"_warmup_{label.replace('+', '_')}"
+        out.append({'name': name, 'cost': 1,
+                    'cmd': train_cmd(opts, min(widths), min(seq_lens), args, '--steps', str(args.warmup_steps),
+                                     '--train-examples', '256', '--test-examples', '16',
+                                     '--png', os.path.join(args.out_dir, name + '.png'))})  # not the cwd
+    return out
 
 
 def run_all(todo: list[dict], width: int, args) -> list[dict]:

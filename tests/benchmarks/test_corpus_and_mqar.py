@@ -216,7 +216,8 @@ def test_demo_smoke(tmp_path):
     assert isinstance(m['sample'], str) and m['sample'].startswith('def ')
 
 
-def test_compare_smoke(tmp_path):
+def test_compare_smoke(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs without --out write their default plot (with matplotlib) to the cwd
     compare = load(os.path.join(LM, 'compare.py'), 'lm_compare')
     out = compare.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '2', '--no-progress',
                         '--tt-steps', '0,2', '--out', str(tmp_path / 'c.json')])
@@ -241,7 +242,8 @@ def test_compare_smoke(tmp_path):
     assert '| mesa+mamba_gate |' in table and 'mean CG iters' in table and '| tol 0.0001 |' in table
 
 
-def test_train_mqar_smoke():
+def test_train_mqar_smoke(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # its default plot (with matplotlib) goes to the cwd
     tm = load(os.path.join(MQAR, 'train_mqar.py'), 'mqar_train')
     out = tm.main(['--models', 'mesa', '--tiny', '--device', 'cpu', '--steps', '2', '--no-progress'])
     (r,) = out['results']
