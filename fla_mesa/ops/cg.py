@@ -32,6 +32,17 @@ def _system_product(b_p, b_k, b_hm, b_decay, b_eg, b_lamb):
     return b_eg[:, None] * tl.dot(b_p, b_hm) + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
 
 
+@triton.jit
+def precondition(b_r, b_rs, b_diag, PRECOND: tl.constexpr):
+    # (z, r . z) over the last dim: z = r / diag with PRECOND (CG preconditioned with M = diag(H_t + diag(lamb)),
+    # b_diag holding it), else z = r and r . z = r . r = b_rs; shared by the chunk and the decoding kernels
+    b_z, b_rz = b_r, b_rs
+    if PRECOND:
+        b_z = b_r / b_diag
+        b_rz = tl.sum(b_r * b_z, -1)
+    return b_z, b_rz
+
+
 @triton.jit(do_not_specialize=['T', 'steps'])
 def chunk_cg_kernel(
     b,
@@ -98,6 +109,7 @@ def chunk_cg_kernel(
         m_kk = m_k[:, None] & m_k[None, :]
         # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
         b_hm = tl.load(p_h, mask=m_kk, other=0.)
+        b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start and the preconditioner
         if JACOBI or PRECOND:
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
             b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
@@ -108,12 +120,7 @@ def chunk_cg_kernel(
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
         b_rs = tl.sum(b_r * b_r, 1)
-        if PRECOND:  # preconditioned CG with M = diag(H_t + diag(lamb)): z = r / diag, scalars from r . z
-            b_p = b_r / b_diag
-            b_rz = tl.sum(b_r * b_p, 1)
-        else:
-            b_p = b_r
-            b_rz = b_rs
+        b_p, b_rz = precondition(b_r, b_rs, b_diag, PRECOND)
         b_thresh = tol_sq * b_rs
 
         i = 0
@@ -126,12 +133,7 @@ def chunk_cg_kernel(
             b_x += b_alpha[:, None] * b_p
             b_r -= b_alpha[:, None] * b_ap
             b_rs_new = tl.sum(b_r * b_r, 1)
-            if PRECOND:
-                b_z = b_r / b_diag
-                b_rz_new = tl.sum(b_r * b_z, 1)
-            else:
-                b_z = b_r
-                b_rz_new = b_rs_new
+            b_z, b_rz_new = precondition(b_r, b_rs_new, b_diag, PRECOND)
             b_cg_beta = tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.)
             b_p = tl.where(b_active[:, None], b_z + b_cg_beta[:, None] * b_p, b_p)
             b_cnt += b_active.to(tl.int32)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fla_mesa.ops.cg import precondition
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold, check_inputs, l2norm, step_states
 
 
@@ -157,12 +158,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_x = tl.zeros([BK], dtype=tl.float32)
                 b_r = b_q
             b_rs = tl.sum(b_r * b_r)
-            if PRECOND:
-                b_p = b_r / (b_diag + b_lamb)
-                b_rz = tl.sum(b_r * b_p)
-            else:
-                b_p = b_r
-                b_rz = b_rs
+            b_p, b_rz = precondition(b_r, b_rs, b_diag + b_lamb, PRECOND)
             # stop once ||r|| <= max(cg_tol, eps) ||r_0|| (cg_tol2 is its square): past the machine-precision
             # floor the recursive residual underflows and CG diverges
             b_thresh = cg_tol2 * b_rs
@@ -178,12 +174,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_x = b_x + b_alpha * b_p
                 b_r = b_r - b_alpha * b_Ap
                 b_rs = tl.sum(b_r * b_r)
-                if PRECOND:
-                    b_z = b_r / (b_diag + b_lamb)
-                    b_rz_new = tl.sum(b_r * b_z)
-                else:
-                    b_z = b_r
-                    b_rz_new = b_rs
+                b_z, b_rz_new = precondition(b_r, b_rs, b_diag + b_lamb, PRECOND)
                 b_p = b_z + tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.) * b_p
                 b_rz = b_rz_new
                 i_it += 1
