@@ -4,12 +4,15 @@ Tokens are independent systems, so a chunk of tokens needs only its chunk-start 
 keys: the Triton kernel keeps a chunk's keys, gates, state and CG vectors on chip across all iterations (fla
 has no such kernel: its GLA primitives would take one launch and a round trip to memory per iteration).
 CG is plain, or preconditioned with the Jacobi preconditioner diag(H_t + diag(lamb)) (`cg_precond='jacobi'`; the
-start x_0 = b / diag(...) is the separate `cg_init`). Each token stops once ||r_k|| <= max(cg_tol, eps) * ||r_0|| (eps: the compute dtype's machine epsilon;
-iterating past that floor lets the recursively updated residual underflow, and CG then diverges), and a
-chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations.
+start x_0 = b / diag(...) is the separate `cg_init`). Each token stops once ||r_k|| <= max(cg_tol, floor) * ||r_0||,
+and a chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations. The floor follows the
+products' precision: the compute dtype's machine epsilon for the PyTorch path (iterating past it lets the
+recursively updated residual underflow, and CG then diverges), `TF32_FLOOR` for the Triton kernel's tf32
+products (past it, x no longer changes: benchmarks/RESULTS.md, fifteenth session).
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -22,6 +25,16 @@ from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
 # the kernel holds a [K, K] float32 state tile in shared memory and [rows, K] float32 CG vectors in registers
 MAX_KERNEL_K = 128
+# the kernel's CG floor with tf32 products (unit roundoff 2^-11): stopping at a relative residual of 2^-16 adds an
+# error (at most cond(H_t + diag(lamb)) * 2^-16) a 32nd of the products' rounding error (about cond * 2^-11)
+TF32_FLOOR = 2 ** -16
+
+
+def kernel_floor() -> float:
+    """The relative residual at which the kernel's CG stops without `cg_tol`: `TF32_FLOOR`, or float32's machine
+    epsilon where its products are full float32 (`TRITON_F32_DEFAULT=ieee`, or Triton's interpreter)."""
+    full = os.environ.get('TRITON_F32_DEFAULT') == 'ieee' or os.environ.get('TRITON_INTERPRET') == '1'
+    return torch.finfo(torch.float32).eps if full else TF32_FLOOR
 
 
 @triton.jit
@@ -207,7 +220,7 @@ def chunk_cg_solve(
     cfg = cg_launch_config(K, chunk_size)
     chunk_cg_kernel[(NT * (chunk_size // cfg['BR']), B * H)](
         b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, v, h_kv, o, cu_seqlens, chunk_indices,
-        tol_sq=cg_threshold(cg_tol, torch.float32),
+        tol_sq=cg_threshold(cg_tol, kernel_floor()),
         steps=cg_steps,
         T=T,
         H=H,
@@ -278,7 +291,7 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
     p = z
     rs = (r * r).sum(-1)
     rz = (r * z).sum(-1) if cg_precond == 'jacobi' else rs
-    thresh = rs * cg_threshold(cg_tol, b.dtype)
+    thresh = rs * cg_threshold(cg_tol, torch.finfo(b.dtype).eps)
     cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
     for _ in range(cg_steps):
         active = rs > thresh

@@ -273,8 +273,9 @@ def chunk_mesa(
             attention (x = q). Default: 30, as in the paper.
         cg_tol (float | None): stop a chunk of tokens once each has ||r_k|| <= cg_tol * ||r_0|| (the paper's
             rule; r_0 is the residual of the start). `None` runs `cg_steps` iterations, or fewer for tokens whose
-            residual reaches the machine-precision floor `eps * ||r_0||` (eps of the compute dtype: float32 on
-            CUDA). Default: None.
+            residual reaches the floor of the products' precision: `2^-16 * ||r_0||` for the CUDA kernel's tf32
+            products (float32's eps under `TRITON_F32_DEFAULT=ieee`), `eps * ||r_0||` with the compute dtype's eps
+            on the PyTorch path; tolerances below the floor act as the floor. Default: None.
         cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`.
         cg_precond (str): `'jacobi'` runs CG preconditioned with diag(H_t + diag(lamb)), in the forward's solve and
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5

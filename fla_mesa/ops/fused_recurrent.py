@@ -287,7 +287,7 @@ def fused_recurrent_mesa_fwd_triton(
             cu_seqlens=cu_seqlens,
             T=T,
             cg_steps=cg_steps,
-            cg_tol2=cg_threshold(cg_tol, torch.float32),
+            cg_tol2=cg_threshold(cg_tol, torch.finfo(torch.float32).eps),
             H=H,
             K=K,
             V=V,
@@ -355,7 +355,7 @@ def fused_recurrent_mesa_fwd_torch(
     else:
         h_kk, h_kv = (s.to(device=q.device, dtype=dtype, copy=True) for s in initial_state)
 
-    tol2 = cg_threshold(cg_tol, dtype)
+    tol2 = cg_threshold(cg_tol, torch.finfo(dtype).eps)
     outs, counts = [], []
     for t in range(T_pad):
         h_kk, h_kv = step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
@@ -513,8 +513,9 @@ def fused_recurrent_mesa(
         store. The CPU runs the same algorithm in PyTorch, batched over sequences and heads, in float64 for
         float64 inputs. There is no backward: calling `.backward()` through the outputs raises
         `NotImplementedError` (run decoding under `torch.no_grad()`; train with `chunk_mesa`).
-        The stopping rule is `chunk_mesa`'s: each token stops at `max(cg_tol, eps) * ||r_0||`, so a
-        prefill-then-decode agrees with one `chunk_mesa` call to rounding.
+        Each token stops at `max(cg_tol, eps) * ||r_0||`: the floor of its float32 products, as `chunk_mesa`'s
+        PyTorch path (its CUDA kernel's tf32 products stop at 2^-16), so a prefill-then-decode agrees with one
+        `chunk_mesa` call to rounding.
         A warm start from the previous token's solution is not offered: x_{t-1} solves a system with another
         right-hand side (q_{t-1}), and carrying it would add a third state tensor to the `(h_kk, h_kv)` format.
 

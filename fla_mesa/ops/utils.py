@@ -32,13 +32,14 @@ def cg_init_guess(b: torch.Tensor, diag: torch.Tensor, cg_init: str) -> torch.Te
     return torch.zeros_like(b)
 
 
-def cg_threshold(cg_tol: float | None, dtype: torch.dtype) -> float:
-    """The square of the relative residual at which a token's CG stops: `max(cg_tol, eps(dtype)) ** 2`.
+def cg_threshold(cg_tol: float | None, floor: float) -> float:
+    """The square of the relative residual at which a token's CG stops: `max(cg_tol, floor) ** 2`.
 
-    Without a tolerance a token still stops at the machine-precision floor: iterating past it lets the
-    recursively updated residual underflow, after which CG diverges.
+    Without a tolerance a token still stops at `floor`, set by the precision of the solver's products: the
+    compute dtype's machine epsilon, below which the recursively updated residual underflows and CG diverges, or
+    `cg.TF32_FLOOR` for the Triton kernel's tf32 products, below which iterating no longer changes x.
     """
-    return max(cg_tol or 0., torch.finfo(dtype).eps) ** 2
+    return max(cg_tol or 0., floor) ** 2
 
 
 def forget_gate_cap(g: torch.Tensor, beta: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -163,6 +163,18 @@ def test_start_does_not_change_converged_output_or_gradients():
     assert_grads_close(g_j, g_z)
 
 
+def test_kernel_floor_follows_the_products_precision(monkeypatch):
+    """The CUDA kernel's CG floor is 2^-16 for its tf32 products, float32's eps where they are full float32."""
+    from fla_mesa.ops.cg import TF32_FLOOR, kernel_floor
+    monkeypatch.delenv('TRITON_F32_DEFAULT', raising=False)
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    assert kernel_floor() == TF32_FLOOR == 2 ** -16
+    for name, value in (('TRITON_F32_DEFAULT', 'ieee'), ('TRITON_INTERPRET', '1')):
+        monkeypatch.setenv(name, value)
+        assert kernel_floor() == torch.finfo(torch.float32).eps
+        monkeypatch.delenv(name)
+
+
 def test_tolerance_stops_early_and_reports_iterations():
     q, k, v, g, beta, lamb, _ = make_inputs(2, 64, 2, 16, 4, lamb_range=(0.5, 2.0), seed=11)
     o_ref, _ = naive_recurrent_mesa(q, k, v, g, beta, lamb)

@@ -1,0 +1,79 @@
+"""The CG kernel's stopping floor: errors, iterations and speed of chunk_mesa over floors (one GPU).
+
+Usage: python benchmarks/ops/benchmark_cg_floor.py [--floors 23 16 14 12 10]
+Without `cg_tol`, the CUDA kernel stops a token at a relative residual of `cg.TF32_FLOOR` (2^-16), the precision of
+its tf32 products. This sets the floor to 2^-n for each n of `--floors` (23: float32's eps, the floor before) and
+prints, on one sequence (B=1 T=2048 H=4, bf16), the mean forward iterations and the error of o and of every gradient
+against the float64 exact solve, for head dims 128 and 64 and lamb 1, 0.25-5 and 0.05; then forward and
+forward+backward times (B=8 T=2048 H=16, lamb 1) over fla's chunk_mesa_net at 30 CG, in one process.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_mesa import inputs, timed  # noqa: E402
+
+import fla_mesa.ops.cg as cg  # noqa: E402
+from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
+
+NAMES = ('o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb')
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def errors(D, lamb_range, floors, T=2048, H=4):
+    inp = [t.detach() for t in inputs(1, T, H, D, False, seed=1, lamb_range=lamb_range)]
+    do = torch.randn(1, T, H, D, device='cuda', generator=torch.Generator(device='cuda').manual_seed(5))
+
+    def run(fn, dtype=None):
+        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inp]
+        o = fn(*leaves)
+        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
+    ref = run(lambda *a: naive_recurrent_mesa(*a)[0], torch.float64)
+    for n in floors:
+        cg.TF32_FLOOR = 2. ** -n
+        out = run(lambda *a: chunk_mesa(*a, cg_steps=30)[0])
+        iters = chunk_mesa(*inp, cg_steps=30, return_cg_iters=True)[2].float().mean().item()
+        print(f"| {D} | {lamb_range[0]:g}-{lamb_range[1]:g} | 2^-{n} | {iters:.2f} | "
+              + ' | '.join(f'{rel(a, b):.3e}' for a, b in zip(out, ref)) + ' |', flush=True)
+
+
+def speed(D, floors):
+    from fla.ops.mesa_net import chunk_mesa_net
+    args = inputs(8, 2048, 16, D, True)
+
+    def fla(q, k, v, g, b, lamb):
+        return chunk_mesa_net(q, k, v, g, b, lamb, max_CG_iteration=30)[0]
+
+    def ours(*a):
+        return chunk_mesa(*a, cg_steps=30, check_values=False)[0]
+    base = timed(fla, args, False)[0], timed(fla, args, True)[0]
+    print(f"| {D} | fla chunk_mesa_net, 30 CG | {base[0]:.3f} | {base[1]:.3f} | | |")
+    for n in floors:
+        cg.TF32_FLOOR = 2. ** -n
+        t = timed(ours, args, False)[0], timed(ours, args, True)[0]
+        print(f"| {D} | chunk_mesa, floor 2^-{n} | {t[0]:.3f} | {t[1]:.3f} | {t[0] / base[0]:.3f} | "
+              f"{t[1] / base[1]:.3f} |", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--floors', type=int, nargs='+', default=[23, 16, 14, 12, 10], help="n of each floor 2^-n")
+    args = p.parse_args()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| D | lamb | floor | iterations | "
+          + ' | '.join(NAMES) + ' |\n|' + '---|' * (4 + len(NAMES)))
+    for D, lamb_range in ((128, (1., 1.)), (128, (0.25, 5.)), (128, (0.05, 0.05)), (64, (1., 1.))):
+        errors(D, lamb_range, args.floors)
+    print("\n| D | op | fwd ms | fwd+bwd ms | fwd / fla | fwd+bwd / fla |\n|---|---|---|---|---|---|")
+    for D in (128, 64):
+        speed(D, args.floors)
+
+
+if __name__ == '__main__':
+    main()
