@@ -162,29 +162,40 @@ def test_bf16_error_no_worse_than_fla(D, lamb_value):
     assert ours <= fla
 
 
+def long_sequence(seed, lamb_value, B=1, T=2048, H=4, D=128, device='cuda'):
+    """The op benchmark's inputs on one long sequence: bf16 q, k (L2-normalised) and v, g = logsigmoid(N(4, 1))
+    (gamma mostly in (0.95, 1)), beta = sigmoid(N(0, 1)), lamb filled with `lamb_value`; and an output gradient."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k = (F.normalize(torch.randn(B, T, H, D, device=device, generator=gen), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, T, H, D, device=device, generator=gen).bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, device=device, generator=gen) + 4.0)
+    beta = torch.sigmoid(torch.randn(B, T, H, device=device, generator=gen))
+    lamb = torch.full((H, D), float(lamb_value), device=device)
+    return [q, k, v, g, beta, lamb], torch.randn(B, T, H, D, device=device, generator=gen)
+
+
+def grads_on(fn, inputs, do, dtype=None):
+    """[o, dq, dk, dv, dg, dbeta, dlamb] of `o = fn(*inputs)[0]` with output gradient `do`, on copies of the inputs
+    (cast to `dtype` if given), and the rest of what `fn` returned."""
+    leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inputs]
+    o, *rest = fn(*leaves)
+    return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
+
+
 def test_bf16_gradients_no_worse_than_fla():
     """Every gradient of our bf16 forward+backward (float32 operands in the backward's GLA passes, the default) is at
     least as close to the float64 exact solve's as fla's chunk_mesa_net's, and at least as close as with bf16
     operands. D=128 only: on a fresh machine fla's backward autotunes for minutes at D=64 (benchmark_mesa.py's
     `--parts gradients` measures both)."""
     from fla.ops.mesa_net import chunk_mesa_net
-    B, T, H, D = 1, 2048, 4, 128
-    gen = torch.Generator(device='cuda').manual_seed(3)
-    q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16() for _ in range(2))
-    v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
-    g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 4.0)
-    beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
-    lamb = torch.ones(H, D, device='cuda')
-    do = torch.randn(B, T, H, D, device='cuda', generator=gen)
+    inputs, do = long_sequence(seed=3, lamb_value=1.0)
+    ref = grads_on(naive_recurrent_mesa, inputs, do, torch.float64)[0][1:]
 
-    def errs(fn, ref=None, dtype=None):
-        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in (q, k, v, g, beta, lamb)]
-        grads = torch.autograd.grad(fn(*leaves), leaves, do.to(leaves[2].dtype))
-        return grads if ref is None else [rel(a, b) for a, b in zip(grads, ref)]
-    ref = errs(lambda *a: naive_recurrent_mesa(*a)[0], dtype=torch.float64)
-    ours = errs(lambda *a: chunk_mesa(*a, cg_steps=30)[0], ref)
-    bf16_ops = errs(lambda *a: chunk_mesa(*a, cg_steps=30, fp32_backward=False)[0], ref)
-    fla = errs(lambda *a: chunk_mesa_net(*a, max_CG_iteration=30)[0], ref)
+    def errs(fn):
+        return [rel(a, b) for a, b in zip(grads_on(fn, inputs, do)[0][1:], ref)]
+    ours = errs(lambda *a: chunk_mesa(*a, cg_steps=30))
+    bf16_ops = errs(lambda *a: chunk_mesa(*a, cg_steps=30, fp32_backward=False))
+    fla = errs(lambda *a: chunk_mesa_net(*a, max_CG_iteration=30))
     print('\n' + '\n'.join(f"d{n}: ours {a:.2e} bf16 operands {b:.2e} fla {c:.2e}"
                            for n, a, b, c in zip(['q', 'k', 'v', 'g', 'beta', 'lamb'], ours, bf16_ops, fla)))
     assert all(a <= c for a, c in zip(ours, fla)) and all(a <= b for a, b in zip(ours, bf16_ops))
@@ -195,24 +206,11 @@ def test_tf32_floor_changes_no_digit_and_saves_iterations(monkeypatch):
     input (lamb 0.05, gamma near 1) the output and every gradient stay within 1% of the float64-solve error they have
     with the eps floor, in at least 15% fewer iterations. (2^-14 misses the 1% on dg, 2^-12 on every gradient.)"""
     import fla_mesa.ops.cg as cg
-    B, T, H, D = 1, 2048, 4, 128
-    gen = torch.Generator(device='cuda').manual_seed(1)
-    q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda', generator=gen), dim=-1).bfloat16() for _ in range(2))
-    v = torch.randn(B, T, H, D, device='cuda', generator=gen).bfloat16()
-    g = F.logsigmoid(torch.randn(B, T, H, device='cuda', generator=gen) + 4.0)
-    beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
-    lamb = torch.full((H, D), 0.05, device='cuda')
-    do = torch.randn(B, T, H, D, device='cuda', generator=gen)
-
-    def run(fn, dtype=None):
-        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in (q, k, v, g, beta, lamb)]
-        o, *rest = fn(*leaves)
-        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
-
-    ref, _ = run(naive_recurrent_mesa, torch.float64)
+    inputs, do = long_sequence(seed=1, lamb_value=0.05)
+    ref, _ = grads_on(naive_recurrent_mesa, inputs, do, torch.float64)
 
     def errors():
-        out, (_, iters) = run(lambda *a: chunk_mesa(*a, cg_steps=30, return_cg_iters=True))
+        out, (_, iters) = grads_on(lambda *a: chunk_mesa(*a, cg_steps=30, return_cg_iters=True), inputs, do)
         return [rel(a, b) for a, b in zip(out, ref)], iters.float().mean().item()
     tf32, it_tf32 = errors()
     monkeypatch.setattr(cg, 'TF32_FLOOR', torch.finfo(torch.float32).eps)
