@@ -8,7 +8,7 @@ start x_0 = b / diag(...) is the separate `cg_init`). Each token stops once ||r_
 and a chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations. The floor follows the
 products' precision: the compute dtype's machine epsilon for the PyTorch path (iterating past it lets the
 recursively updated residual underflow, and CG then diverges), `TF32_FLOOR` for the Triton kernel's tf32
-products (past it, x no longer changes: benchmarks/RESULTS.md, fifteenth session).
+products (more iterations moved no error of o or of a gradient by 1%: benchmarks/RESULTS.md, fifteenth session).
 """
 
 import math
