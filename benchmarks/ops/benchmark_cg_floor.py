@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_mesa import inputs, timed  # noqa: E402
+from benchmark_mesa import inputs, ops, timed  # noqa: E402
 
 import fla_mesa.ops.cg as cg  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
@@ -32,27 +32,23 @@ def errors(D, lamb_range, floors, T=2048, H=4):
     do = torch.randn(1, T, H, D, device='cuda', generator=torch.Generator(device='cuda').manual_seed(5))
 
     def run(fn, dtype=None):
+        """[o, every gradient] of `o = fn(*inp)[0]`, and the rest of what fn returned."""
         leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inp]
-        o = fn(*leaves)
-        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
-    ref = run(lambda *a: naive_recurrent_mesa(*a)[0], torch.float64)
+        o, *rest = fn(*leaves)
+        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
+    ref, _ = run(naive_recurrent_mesa, torch.float64)
     for n in floors:
         cg.TF32_FLOOR = 2. ** -n
-        out = run(lambda *a: chunk_mesa(*a, cg_steps=30)[0])
-        iters = chunk_mesa(*inp, cg_steps=30, return_cg_iters=True)[2].float().mean().item()
+        out, (_, iters) = run(lambda *a: chunk_mesa(*a, cg_steps=30, return_cg_iters=True))
+        iters = iters.float().mean().item()
         print(f"| {D} | {lamb_range[0]:g}-{lamb_range[1]:g} | 2^-{n} | {iters:.2f} | "
               + ' | '.join(f'{rel(a, b):.3e}' for a, b in zip(out, ref)) + ' |', flush=True)
 
 
 def speed(D, floors):
-    from fla.ops.mesa_net import chunk_mesa_net
     args = inputs(8, 2048, 16, D, True)
-
-    def fla(q, k, v, g, b, lamb):
-        return chunk_mesa_net(q, k, v, g, b, lamb, max_CG_iteration=30)[0]
-
-    def ours(*a):
-        return chunk_mesa(*a, cg_steps=30, check_values=False)[0]
+    rows, _ = ops(30)  # benchmark_mesa's rows: ours as MesaAttention calls it, and fla's at 30 CG
+    ours, fla = rows['chunk_mesa, 30 CG'], rows['fla chunk_mesa_net, 30 CG']
     base = timed(fla, args, False)[0], timed(fla, args, True)[0]
     print(f"| {D} | fla chunk_mesa_net, 30 CG | {base[0]:.3f} | {base[1]:.3f} | | |")
     for n in floors:
