@@ -138,8 +138,16 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, 
     tl.store(p_db, b_db, mask=m_t)
 
 
-def _tile(n: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(n)))
+def _tile(n: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def launch_configs(K: int, V: int) -> tuple[dict, dict]:
+    """The launch settings of `gla_bwd_dqkg_kernel` and `gla_bwd_dw_kernel`: of a sweep on an H200 (key and value
+    tiles 32-128, 4 or 8 warps, 1-3 stages; `benchmarks/ops/benchmark_gla_bwd.py`), the fastest for the two sides'
+    calls together at K = V = 128 and at K = V = 64. `dw` takes all of K in one tile, up to 128."""
+    return (dict(BK=_tile(K), BV=_tile(V, 32), num_warps=4, num_stages=2),
+            dict(BK=_tile(K, 128), BV=_tile(V), num_warps=4, num_stages=1))
 
 
 def chunk_gla_bwd(
@@ -177,21 +185,23 @@ def chunk_gla_bwd(
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BT, BK, BV = chunk_size, _tile(K), _tile(V)
-    NT = triton.cdiv(T, BT) if cu_seqlens is None else len(chunk_indices)
+    NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     n_rows = B * T * H
+    dqkg, dw = launch_configs(K, V)
     if acc is None:
         dv = torch.empty_like(v)
         dk = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
-        dg = torch.empty(triton.cdiv(K, BK), n_rows, dtype=torch.float32, device=k.device)
-        dbeta = torch.zeros(triton.cdiv(max(K, V), BV), n_rows, dtype=torch.float32, device=k.device)
+        dg = torch.empty(triton.cdiv(K, dqkg['BK']), n_rows, dtype=torch.float32, device=k.device)
+        # a row per value block of either side (H's, value k, adds into this buffer)
+        dbeta = torch.zeros(triton.cdiv(max(K, V), dw['BV']), n_rows, dtype=torch.float32, device=k.device)
     else:
         dv, dk, dg, dbeta = acc
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
-    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V, BT=BT,
-                  BK=BK, BV=BV, NEGATE=negate, IS_VARLEN=cu_seqlens is not None, num_warps=4)
-    gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](q, k, v, beta, do, h, dh, gc, dq, dk, dg,
-                                                          STORE_DQ=with_dq, ACCUMULATE=acc is not None, **common)
-    gla_bwd_dw_kernel[(triton.cdiv(V, BV), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
-                                                       ACCUMULATE=acc is not None, **common)
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V,
+                  BT=chunk_size, NEGATE=negate, IS_VARLEN=cu_seqlens is not None)
+    gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, dh, gc, dq, dk, dg,
+                                                                  STORE_DQ=with_dq, ACCUMULATE=acc is not None,
+                                                                  **common, **dqkg)
+    gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
+                                                             ACCUMULATE=acc is not None, **common, **dw)
     return dq, dv, dk, dg, dbeta

@@ -1,6 +1,6 @@
 """Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the tf32
 emulation of benchmarks/ops/tf32_emulation.py, of the preconditioning study benchmarks/ops/cg_preconditioning.py and of
-the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG benchmarks' kernel launches."""
+the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG and GLA-gradient benchmarks' kernel launches."""
 
 import json
 import math
@@ -148,3 +148,21 @@ def test_cg_benchmarks_launch_the_kernel_with_its_arguments(monkeypatch):
         parts.launch(d, steps, True, output, 16, 4)
     kernel.launch(cg, (torch.zeros(1, 64, 1, 64),) + (None,) * 5, 4)
     assert fake.calls == 3
+
+
+def test_gla_bwd_benchmark_launches_both_kernels_and_sweeps_the_chosen_configs(monkeypatch):
+    import torch
+
+    from fla_mesa.ops import gla_backward
+    bench = load(os.path.join(ROOT, 'benchmarks', 'ops', 'benchmark_gla_bwd.py'), 'ops_benchmark_gla_bwd')
+    for name in ('gla_bwd_dqkg_kernel', 'gla_bwd_dw_kernel'):
+        monkeypatch.setattr(gla_backward, name, _KernelCall(getattr(gla_backward, name)))
+    d = {name: torch.zeros(1) for name in ('k', 'v', 'beta', 'do', 'u', 'h', 'dh', 'gc')}
+    d['x'] = torch.zeros(1, 64, 1, 64)
+    for kernel, side in [('dqkg', 'S'), ('dqkg', 'H'), ('dw', 'S'), ('dw', 'H')]:
+        d['v'] = d['k'] = torch.zeros(1, 64, 1, 64)
+        bench.launch(kernel, d, side, 64, 32, 4, 2)
+    assert gla_backward.gla_bwd_dqkg_kernel.calls == gla_backward.gla_bwd_dw_kernel.calls == 2
+    for D in (128, 64):
+        for cfg in gla_backward.launch_configs(D, D):
+            assert (cfg['BK'], cfg['BV'], cfg['num_warps'], cfg['num_stages']) in bench.configs(D)

@@ -1,0 +1,90 @@
+"""Times the backward's two GLA gradient kernels alone over launch configurations (key and value tiles, warps, stages).
+
+Usage: python benchmarks/ops/benchmark_gla_bwd.py [--B 8 --T 2048 --H 16 --dims 128 64]
+Each kernel runs as the backward calls it: S's side (value v, output gradient do, both bf16) and H's side (value k in
+bf16, output gradient u in float32, added onto S's buffers). Prints ms per call (`triton.testing.do_bench` median)
+for each configuration and the sum over the two sides, marking `launch_configs`' choice.
+"""
+
+import argparse
+import itertools
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from fla_mesa.ops import gla_backward
+
+
+def inputs(B, T, H, D, chunk_size=64):
+    NT = triton.cdiv(T, chunk_size)
+    gen = torch.Generator(device='cuda').manual_seed(0)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, device='cuda')
+
+    d = dict(x=randn(B, T, H, D), k=randn(B, T, H, D).bfloat16(), v=randn(B, T, H, D).bfloat16(),
+             beta=torch.rand(B, T, H, generator=gen, device='cuda'), do=randn(B, T, H, D).bfloat16(),
+             u=randn(B, T, H, D), h=randn(B, NT, H, D, D), dh=randn(B, NT, H, D, D))
+    d['gc'] = -0.01 * torch.rand(B, T, H, generator=gen, device='cuda').cumsum(1)
+    return d
+
+
+def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
+    """One call of `kernel` ('dqkg' or 'dw') for `side` ('S' or 'H') with this configuration."""
+    B, T, H, K = d['x'].shape
+    src, do = (d['v'], d['do']) if side == 'S' else (d['k'], d['u'])
+    NT, n_rows, h = triton.cdiv(T, chunk_size), B * T * H, side == 'H'
+    common = dict(cu_seqlens=None, chunk_indices=None, T=T, n_rows=n_rows, H=H, K=K, V=src.shape[-1], BT=chunk_size,
+                  BK=BK, BV=BV, NEGATE=h, IS_VARLEN=False, ACCUMULATE=h, num_warps=num_warps, num_stages=num_stages)
+    if kernel == 'dqkg':
+        dq, dk = torch.empty_like(d['x']), torch.zeros_like(d['x'])
+        dg = torch.zeros(triton.cdiv(K, BK), n_rows, device=dq.device)
+        gla_backward.gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](
+            d['x'], d['k'], src, d['beta'], do, d['h'], d['dh'], d['gc'], dq, dk, dg, STORE_DQ=not h, **common)
+    else:
+        dw, dbeta = torch.zeros_like(src), torch.zeros(triton.cdiv(src.shape[-1], BV), n_rows, device=src.device)
+        gla_backward.gla_bwd_dw_kernel[(triton.cdiv(src.shape[-1], BV), NT, B * H)](
+            d['x'], d['k'], src, d['beta'], do, d['dh'], d['gc'], dw, dbeta, **common)
+
+
+def configs(D):
+    tiles = [(64, 64), (64, 32), (32, 64), (32, 32)] + ([(128, 64), (128, 32), (64, 128)] if D >= 128 else [])
+    cfgs = [(bk, bv, w, s) for (bk, bv), w, s in itertools.product(tiles, (4, 8), (1, 2))] + [(64, 64, 4, 3),
+                                                                                            (64, 64, 8, 3)]
+    return [c for c in cfgs if max(c[:2]) <= max(16, triton.next_power_of_2(D))]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument('--B', type=int, default=8)
+    p.add_argument('--T', type=int, default=2048)
+    p.add_argument('--H', type=int, default=16)
+    p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    args = p.parse_args()
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, "
+          f"B={args.B} T={args.T} H={args.H}")
+    for D in args.dims:
+        d = inputs(args.B, args.T, args.H, D)
+        chosen = dict(zip(('dqkg', 'dw'), gla_backward.launch_configs(D, D)))
+        for kernel in ('dqkg', 'dw'):
+            pick = chosen[kernel]
+            pick = (pick['BK'], pick['BV'], pick['num_warps'], pick['num_stages'])
+            rows = []
+            for cfg in configs(D):
+                ms = []
+                for side in ('S', 'H'):
+                    def run(side=side):
+                        launch(kernel, d, side, *cfg)
+                    ms.append(do_bench(run, warmup=10, rep=40))
+                rows.append((cfg, ms))
+            rows.sort(key=lambda r: sum(r[1]))
+            print(f"\n## D = {D}, {kernel} kernel (ms per call)\n| BK | BV | warps | stages | S side | H side | sum |")
+            print("|---|---|---|---|---|---|---|")
+            for cfg, (s, h) in rows:
+                mark = ' (`launch_configs`)' if cfg == pick else ''
+                print(f"| {' | '.join(map(str, cfg))} | {s:.4f} | {h:.4f} | {s + h:.4f}{mark} |")
+
+
+if __name__ == '__main__':
+    main()
