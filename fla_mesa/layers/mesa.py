@@ -77,8 +77,9 @@ class MesaAttention(nn.Module):
         cg_precond (str): `'jacobi'` preconditions CG with `diag(H + Lambda)` (fewer iterations once lambda differs
             across channels, `benchmarks/RESULTS.md`); `'none'`, the paper's plain CG. Default: `'none'`.
         fp32_backward (bool): `chunk_mesa`'s option: float32 products in the backward's GLA passes on CUDA, for
-            gradients more accurate than fla's MesaNet's; `False` is faster (about 0.9x the op's forward+backward
-            GPU time at D=128 and 64) but needs more memory, with bf16 gradient errors 1.3-1.8x fla's.
+            gradients more accurate than fla's MesaNet's; `False` (bf16 operands) takes about the same time (0.97-1.01x
+            the op's forward+backward at D=128 on an H100 and an H200) and more memory, with bf16 gradient errors
+            1.3-1.8x fla's.
             Default: `True`.
         layer_idx (int): index of the layer in the model (needed with a cache). Default: `None`.
         norm_eps (float): epsilon of the output norm. Default: 1e-5.

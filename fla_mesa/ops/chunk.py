@@ -281,9 +281,9 @@ def chunk_mesa(
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
             across channels it took 11 iterations a token instead of 31 to the float32 floor; with one lamb per head
             it gains nothing, and in the demo's trained model (lamb within 1.08x) it took 7-20% more iterations.
-            On an H100 (D=128, lamb spread as above) it took 0.52x fla `chunk_mesa_net`'s time forward, where plain
-            CG, running all 30 iterations, took 0.96x; with lamb = 1 it costs 10% (D=128) to 29% (D=64) of the
-            forward (benchmarks/RESULTS.md).
+            On an H200 (D=128, lamb spread as above) it took 0.47x fla `chunk_mesa_net`'s time forward, where plain
+            CG, capped at 30 iterations, took 0.83x; with lamb = 1 it costs 9% (D=128, H100) to 24% (D=64, H200)
+            of the forward (benchmarks/RESULTS.md).
         initial_state (tuple | None): `(h_kk [N, H, K, K], h_kv [N, H, K, V])`, N = B, or the number of
             sequences with `cu_seqlens`.
         output_final_state (bool): also return the final state, in the same format.
@@ -299,8 +299,9 @@ def chunk_mesa(
             (tf32) products, in our `gla_backward` kernels, instead of fla's Triton primitives on operands in the
             inputs' dtype. With bf16 inputs on an H100 it takes every gradient's error against the float64 exact
             solve below fla's `chunk_mesa_net`'s at D=128 and D=64 (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the
-            bf16 floor is 1.7e-3), for 1.09x (D=128) and about 1.1x (D=64) the forward+backward GPU time of
-            `False`, and 0.19 / 0.09 GiB less peak memory, at B=8, T=2048, H=16 (benchmarks/RESULTS.md). With
+            bf16 floor is 1.7e-3), in about the forward+backward time of `False` (0.99x at D=128 on an H100,
+            1.04x on an H200; 0.93x at D=64 on the H200) and with 0.19 / 0.09 GiB less peak memory, at B=8,
+            T=2048, H=16 (benchmarks/RESULTS.md). With
             float32 inputs both settings multiply in float32 (tf32); off CUDA it has no effect (the PyTorch path
             computes in float32 or float64). Default: True.
 
