@@ -271,7 +271,6 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
                          cg_precond='none'):
     """PyTorch twin of `chunk_cg_solve` (same algorithm and stopping rule), natural-log `gc`, T a multiple
     of `chunk_size`, every tensor in the compute dtype."""
-    B, T, H, K = b.shape
     kb = beta[..., None] * k
     decay = decay_matrix(gc, chunk_size)
 
@@ -281,20 +280,26 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
     diag = None
     if cg_init == 'jacobi' or cg_precond == 'jacobi':
         diag = chunk_diag(k, beta, gc, h_kk, chunk_size, decay) + lamb
-    if cg_init == 'jacobi':
-        x = cg_init_guess(b, diag, cg_init)
-        r = b - matvec(x)
-    else:
-        x, r = torch.zeros_like(b), b
+    x, cnt = torch_cg(b, matvec, diag, cg_steps, cg_threshold(cg_tol, torch.finfo(b.dtype).eps), cg_init, cg_precond)
+    return x, (cnt if return_iters else None)
+
+
+def torch_cg(b, matvec, diag, cg_steps, tol_sq, cg_init, cg_precond):
+    """CG for `matvec(x) = b` over the last dim, every leading index its own system: the PyTorch twin of the loop
+    in `chunk_cg_kernel` and in the decoding kernel, for the chunked and the recurrent PyTorch paths. `diag` is diag(H_t + diag(lamb)), for the Jacobi start and the
+    preconditioner (None if neither is on); a system stops once ||r_k||^2 <= tol_sq ||r_0||^2 (`cg_threshold`).
+    Returns x and the iterations each system ran (int32)."""
+    x = cg_init_guess(b, diag, cg_init)
+    r = b - matvec(x) if cg_init == 'jacobi' else b
     # preconditioned CG with M = diag(H_t + diag(lamb)) when cg_precond == 'jacobi' (z = M^-1 r), plain CG else
     z = r / diag if cg_precond == 'jacobi' else r
     p = z
     rs = (r * r).sum(-1)
     rz = (r * z).sum(-1) if cg_precond == 'jacobi' else rs
-    thresh = rs * cg_threshold(cg_tol, torch.finfo(b.dtype).eps)
-    cnt = torch.zeros(B, T, H, dtype=torch.int32, device=b.device)
+    thresh = rs * tol_sq
+    cnt = torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
     for _ in range(cg_steps):
-        active = rs > thresh
+        active = rs > thresh  # a system whose residual reached the threshold keeps its x from here on
         if not bool(active.any()):
             break
         ap = matvec(p)
@@ -313,4 +318,4 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
         cnt += active.int()
         rs = torch.where(active, rs_new, rs)
         rz = torch.where(active, rz_new, rz)
-    return x, (cnt if return_iters else None)
+    return x, cnt

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fla_mesa.ops.cg import precondition
-from fla_mesa.ops.utils import cg_init_guess, cg_threshold, check_inputs, l2norm, step_states
+from fla_mesa.ops.cg import precondition, torch_cg
+from fla_mesa.ops.utils import cg_threshold, check_inputs, l2norm, step_states
 
 
 @triton.jit
@@ -365,36 +365,11 @@ def fused_recurrent_mesa_fwd_torch(
             # H_t^T p, as fla reads a [K, K] state (H_t is symmetric up to rounding), like the references
             return torch.einsum('nhji,nhj->nhi', h_kk, p) + lamb * p
 
-        count = torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
         if cg_steps == 0:
-            x = b
+            x, count = b, torch.zeros(b.shape[:-1], dtype=torch.int32, device=b.device)
         else:
             diag = torch.diagonal(h_kk, dim1=-2, dim2=-1) + lamb
-            x = cg_init_guess(b, diag, cg_init)
-            r = b - matvec(x) if cg_init == 'jacobi' else b
-            z = r / diag if cg_precond == 'jacobi' else r
-            p = z
-            rs = (r * r).sum(-1, keepdim=True)
-            rz = (r * z).sum(-1, keepdim=True)
-            thresh = tol2 * rs
-            for _ in range(cg_steps):
-                # a (sequence, head) whose residual reached the threshold keeps its x from here on
-                active = rs > thresh
-                if not bool(active.any()):
-                    break
-                count += active[..., 0].int()
-                ap = matvec(p)
-                pap = (p * ap).sum(-1, keepdim=True)
-                alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, 1), 0)
-                x = x + alpha * p
-                r = r - alpha * ap
-                rs_new = (r * r).sum(-1, keepdim=True)
-                z = r / diag if cg_precond == 'jacobi' else r
-                rz_new = (r * z).sum(-1, keepdim=True)
-                p_new = z + torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1), 0) * p
-                p = torch.where(active, p_new, p)
-                rs = torch.where(active, rs_new, rs)
-                rz = torch.where(active, rz_new, rz)
+            x, count = torch_cg(b, matvec, diag, cg_steps, tol2, cg_init, cg_precond)
         outs.append(torch.einsum('nhk,nhkv->nhv', x, h_kv))
         counts.append(count)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(N, 0, H, V)
