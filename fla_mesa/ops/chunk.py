@@ -300,10 +300,9 @@ def chunk_mesa(
             inputs' dtype. With bf16 inputs on an H100 it takes every gradient's error against the float64 exact
             solve below fla's `chunk_mesa_net`'s at D=128 and D=64 (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the
             bf16 floor is 1.7e-3), in about the forward+backward time of `False` (0.99x at D=128 on an H100,
-            1.04x on an H200; 0.93x at D=64 on the H200) and with 0.19 / 0.09 GiB less peak memory, at B=8,
-            T=2048, H=16 (benchmarks/RESULTS.md). With
-            float32 inputs both settings multiply in float32 (tf32); off CUDA it has no effect (the PyTorch path
-            computes in float32 or float64). Default: True.
+            1.04x on an H200; 1.02x and 0.93x at D=64) and with 0.19 / 0.09 GiB less peak memory, at B=8,
+            T=2048, H=16 (benchmarks/RESULTS.md). With float32 inputs both settings multiply in float32 (tf32);
+            off CUDA it has no effect (the PyTorch path computes in float32 or float64). Default: True.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.
