@@ -6,15 +6,19 @@ slope between 4 and 16 iterations. `--baseline FILE` times another version of `f
 `git show REV:fla_mesa/ops/cg.py > FILE`) at its own defaults in the same process, for A/B comparisons.
 """
 
-import argparse
 import importlib.util
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops import cg
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_mesa import shape_parser  # noqa: E402
+
+from fla_mesa.ops import cg  # noqa: E402
 
 
 def inputs(B, T, H, K, chunk_size=64):
@@ -65,11 +69,7 @@ def per_iteration(mod, args, **cfg):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument('--B', type=int, default=8)
-    p.add_argument('--T', type=int, default=2048)
-    p.add_argument('--H', type=int, default=16)
-    p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    p = shape_parser()
     p.add_argument('--baseline', help='another cg.py to time side by side')
     args = p.parse_args()
     mods = [('this checkout', cg)]

@@ -6,14 +6,18 @@ bf16, output gradient u in float32, added onto S's buffers). Prints ms per call 
 for each configuration and the sum over the two sides, marking `launch_configs`' choice.
 """
 
-import argparse
 import itertools
+import os
+import sys
 
 import torch
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops import gla_backward
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_mesa import shape_parser  # noqa: E402
+
+from fla_mesa.ops import gla_backward  # noqa: E402
 
 
 def inputs(B, T, H, D, chunk_size=64):
@@ -56,12 +60,7 @@ def configs(D):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument('--B', type=int, default=8)
-    p.add_argument('--T', type=int, default=2048)
-    p.add_argument('--H', type=int, default=16)
-    p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
-    args = p.parse_args()
+    args = shape_parser().parse_args()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}, "
           f"B={args.B} T={args.T} H={args.H}")
     for D in args.dims:

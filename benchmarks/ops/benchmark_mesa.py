@@ -224,12 +224,18 @@ def speed(D, args):
             print(f"| {name} | {fmt(f)} | {fmt(fb)} | {fmt(f, fla[0])} | {fmt(fb, fla[1])} |")
 
 
-def main():
+def shape_parser():
+    """The op benchmarks' common options: batch, length, heads and the head dims to run."""
     p = argparse.ArgumentParser()
     p.add_argument('--B', type=int, default=8)
     p.add_argument('--T', type=int, default=2048)
     p.add_argument('--H', type=int, default=16)
     p.add_argument('--dims', type=int, nargs='+', default=[128, 64])
+    return p
+
+
+def main():
+    p = shape_parser()
     parts = ('speed', 'accuracy', 'gradients', 'decode')
     p.add_argument('--parts', nargs='+', choices=parts, default=list(parts))
     p.add_argument('--graphs', action='store_true', help="also time the 30-step rows from CUDA graphs (GPU time)")
