@@ -286,9 +286,9 @@ def torch_chunk_cg_solve(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, 
 
 def torch_cg(b, matvec, diag, cg_steps, tol_sq, cg_init, cg_precond):
     """CG for `matvec(x) = b` over the last dim, every leading index its own system: the PyTorch twin of the loop
-    in `chunk_cg_kernel` and in the decoding kernel, for the chunked and the recurrent PyTorch paths. `diag` is diag(H_t + diag(lamb)), for the Jacobi start and the
-    preconditioner (None if neither is on); a system stops once ||r_k||^2 <= tol_sq ||r_0||^2 (`cg_threshold`).
-    Returns x and the iterations each system ran (int32)."""
+    in `chunk_cg_kernel` and in the decoding kernel, for the chunked and the recurrent PyTorch paths. `diag` is
+    diag(H_t + diag(lamb)), for the Jacobi start and the preconditioner (None if neither is on); a system stops
+    once ||r_k||^2 <= tol_sq ||r_0||^2 (`cg_threshold`). Returns x and the iterations each system ran (int32)."""
     x = cg_init_guess(b, diag, cg_init)
     r = b - matvec(x) if cg_init == 'jacobi' else b
     # preconditioned CG with M = diag(H_t + diag(lamb)) when cg_precond == 'jacobi' (z = M^-1 r), plain CG else
