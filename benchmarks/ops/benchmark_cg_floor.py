@@ -14,8 +14,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(ROOT, 'tests', 'ops')]
 from benchmark_mesa import inputs, ops, timed  # noqa: E402
+from mesa_inputs import rel  # noqa: E402
+from test_chunk_gpu import grads_on  # noqa: E402  (the GPU floor test's output-and-gradients harness)
 
 import fla_mesa.ops.cg as cg  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
@@ -23,23 +26,13 @@ from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
 NAMES = ('o', 'dq', 'dk', 'dv', 'dg', 'dbeta', 'dlamb')
 
 
-def rel(a, b):
-    return ((a.double() - b).norm() / b.norm()).item()
-
-
 def errors(D, lamb_range, floors, T=2048, H=4):
     inp = [t.detach() for t in inputs(1, T, H, D, False, seed=1, lamb_range=lamb_range)]
     do = torch.randn(1, T, H, D, device='cuda', generator=torch.Generator(device='cuda').manual_seed(5))
-
-    def run(fn, dtype=None):
-        """[o, every gradient] of `o = fn(*inp)[0]`, and the rest of what fn returned."""
-        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inp]
-        o, *rest = fn(*leaves)
-        return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
-    ref, _ = run(naive_recurrent_mesa, torch.float64)
+    ref, _ = grads_on(naive_recurrent_mesa, inp, do, torch.float64)
     for n in floors:
         cg.TF32_FLOOR = 2. ** -n
-        out, (_, iters) = run(lambda *a: chunk_mesa(*a, cg_steps=30, return_cg_iters=True))
+        out, (_, iters) = grads_on(lambda *a: chunk_mesa(*a, cg_steps=30, return_cg_iters=True), inp, do)
         iters = iters.float().mean().item()
         print(f"| {D} | {lamb_range[0]:g}-{lamb_range[1]:g} | 2^-{n} | {iters:.2f} | "
               + ' | '.join(f'{rel(a, b):.3e}' for a, b in zip(out, ref)) + ' |', flush=True)
