@@ -13,12 +13,17 @@ decoding tokens/s (eager calls, and CUDA graphs without the host's launch overhe
 import argparse
 import functools
 import math
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
 from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa, naive_recurrent_mesa
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'tests', 'ops'))
+from mesa_inputs import rel  # noqa: E402  (the tests' relative error)
 
 
 def inputs(B, T, H, D, requires_grad, seed=0, lamb_range=(1.0, 1.0)):
@@ -89,10 +94,7 @@ def accuracy(D, H=4, T=2048, tols=(1e-2, 3e-3, 1e-3, 1e-4)):
     from fla.ops.mesa_net import chunk_mesa_net
     q, k, v, g, beta, lamb = [t.detach() for t in inputs(1, T, H, D, False, seed=1)]
     ref, _ = naive_recurrent_mesa(*(t.double() for t in (q, k, v, g, beta, lamb)))
-
-    def err(o):
-        return ((o.double() - ref).norm() / ref.norm()).item()
-
+    err = functools.partial(rel, b=ref)
     rows = [('bf16 rounding of the exact output', err(ref.bfloat16()), None)]
     for steps in (10, 30):
         rows.append((f'fla chunk_mesa_net, {steps} CG', err(chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps)[0]), steps))
@@ -118,7 +120,7 @@ def grad_accuracy(D, H=4, T=2048, steps=30):
     ref = grads(lambda *a: naive_recurrent_mesa(*a)[0], torch.float64)
 
     def errs(gs):
-        return [((a.double() - b).norm() / b.norm()).item() for a, b in zip(gs, ref)]
+        return [rel(a, b) for a, b in zip(gs, ref)]
     return names, [
         ('exact gradient rounded to bf16', errs([r.bfloat16() for r in ref])),
         (f'fla chunk_mesa_net, {steps} CG', errs(grads(lambda *a: chunk_mesa_net(*a, max_CG_iteration=steps)[0]))),
