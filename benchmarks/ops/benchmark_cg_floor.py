@@ -17,8 +17,7 @@ import torch
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.join(ROOT, 'tests', 'ops')]
 from benchmark_mesa import inputs, ops, timed  # noqa: E402
-from mesa_inputs import rel  # noqa: E402
-from test_chunk_gpu import grads_on  # noqa: E402  (the GPU floor test's output-and-gradients harness)
+from mesa_inputs import grads_on, rel  # noqa: E402  (the GPU floor test's output-and-gradients harness)
 
 import fla_mesa.ops.cg as cg  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402

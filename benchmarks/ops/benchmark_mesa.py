@@ -23,7 +23,7 @@ from triton.testing import do_bench
 from fla_mesa.ops import chunk_mesa, fused_recurrent_mesa, naive_recurrent_mesa
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'tests', 'ops'))
-from mesa_inputs import rel  # noqa: E402  (the tests' relative error)
+from mesa_inputs import grads_on, rel  # noqa: E402  (the tests' gradient harness and relative error)
 
 
 def inputs(B, T, H, D, requires_grad, seed=0, lamb_range=(1.0, 1.0)):
@@ -114,19 +114,18 @@ def grad_accuracy(D, H=4, T=2048, steps=30):
     do = torch.randn(1, T, H, D, device='cuda', generator=torch.Generator(device='cuda').manual_seed(5))
 
     def grads(fn, dtype=None):
-        leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inp]
-        return torch.autograd.grad(fn(*leaves), leaves, do.to(leaves[2].dtype))
+        return grads_on(fn, inp, do, dtype)[0][1:]
 
-    ref = grads(lambda *a: naive_recurrent_mesa(*a)[0], torch.float64)
+    ref = grads(naive_recurrent_mesa, torch.float64)
 
     def errs(gs):
         return [rel(a, b) for a, b in zip(gs, ref)]
     return names, [
         ('exact gradient rounded to bf16', errs([r.bfloat16() for r in ref])),
-        (f'fla chunk_mesa_net, {steps} CG', errs(grads(lambda *a: chunk_mesa_net(*a, max_CG_iteration=steps)[0]))),
-        (f'chunk_mesa, {steps} CG', errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps)[0]))),
+        (f'fla chunk_mesa_net, {steps} CG', errs(grads(lambda *a: chunk_mesa_net(*a, max_CG_iteration=steps)))),
+        (f'chunk_mesa, {steps} CG', errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps)))),
         (f'chunk_mesa, {steps} CG, fp32_backward=False',
-         errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps, fp32_backward=False)[0]))),
+         errs(grads(lambda *a: chunk_mesa(*a, cg_steps=steps, fp32_backward=False)))),
     ]
 
 

@@ -36,6 +36,15 @@ def make_inputs(B, T, H, K, V, gate='mid', beta_range='any', lamb_range=(0.3, 3.
     return q, k, v, g, beta, lamb, state
 
 
+def grads_on(fn, inputs, do, dtype=None):
+    """[o, dq, dk, dv, dg, dbeta, dlamb] of `o = fn(*inputs)[0]` with output gradient `do`, on copies of the inputs
+    (cast to `dtype` if given), and the rest of what `fn` returned. Shared by the GPU tests and the op
+    benchmarks."""
+    leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inputs]
+    o, *rest = fn(*leaves)
+    return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
+
+
 def rel(a, b):
     """Relative error of a against the reference b, in the Frobenius norm."""
     a, b = a.double(), b.double()

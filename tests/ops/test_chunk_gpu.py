@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from mesa_inputs import make_inputs, rel
+from mesa_inputs import grads_on, make_inputs, rel
 
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
 
@@ -172,14 +172,6 @@ def long_sequence(seed, lamb_value, B=1, T=2048, H=4, D=128, device='cuda'):
     beta = torch.sigmoid(torch.randn(B, T, H, device=device, generator=gen))
     lamb = torch.full((H, D), float(lamb_value), device=device)
     return [q, k, v, g, beta, lamb], torch.randn(B, T, H, D, device=device, generator=gen)
-
-
-def grads_on(fn, inputs, do, dtype=None):
-    """[o, dq, dk, dv, dg, dbeta, dlamb] of `o = fn(*inputs)[0]` with output gradient `do`, on copies of the inputs
-    (cast to `dtype` if given), and the rest of what `fn` returned."""
-    leaves = [(t.to(dtype) if dtype else t.clone()).requires_grad_() for t in inputs]
-    o, *rest = fn(*leaves)
-    return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))], rest
 
 
 def test_bf16_gradients_no_worse_than_fla():
