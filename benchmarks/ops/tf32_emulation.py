@@ -1,21 +1,23 @@
-"""CPU emulation of the GPU's tf32 products in `chunk_mesa`, to tell numerics from bugs on ill-conditioned fp32 inputs.
+"""CPU emulation of the GPU's products in `chunk_mesa` on fp32 inputs: what tf32's rounding does to outputs and gradients.
 
-    python benchmarks/ops/tf32_emulation.py
+    python benchmarks/ops/tf32_emulation.py [--cases T65K32forget T200K64mid T1K64mid]
 
-On the GPU, fla's chunk primitives and our CG kernel multiply float32 operands as tf32 (10 explicit mantissa bits).
-This script runs `chunk_mesa`'s PyTorch path (the same chunked algorithm) on the inputs of the GPU test case
-(T=65, K=32, V=48, forget gate, lamb in [0.01, 10], initial state; tests/ops/test_chunk_gpu.py) with every
-`torch.einsum` operand of the chunked computation rounded to tf32 (round to nearest; gradients pass straight
-through), either everywhere or everywhere except inside the CG solves, and prints the relative errors of the
-output and of every gradient against the float64 exact solve, for the Jacobi and the zero start.
-Only the forward products and the CG solves are rounded; autograd's own products in the backward stay float32.
+On an H100, Triton's tf32 products truncate each float32 operand to 10 stored mantissa bits (round toward zero):
+float16 values pass through them exactly, and on positive operands their error is 15x float16's, whose rounding is
+to nearest (benchmarks/ops/fp16_products/dotprec.py, RESULTS eighteenth session). This script runs `chunk_mesa`'s
+PyTorch path, which is the CUDA path's composition (the forward's states and CG, and a backward of GLA passes plus
+the adjoint CG solve), with every operand of every `torch.einsum` product rounded, forward and backward alike:
+- 'rz': truncated to tf32, the GPU's products;
+- 'rn': rounded to nearest at tf32's width, float16's significand (the unmerged patch in
+  benchmarks/ops/fp16_products/).
 
-What the GPU said since: with the CG kernel's products taken as tf32x3 (about float32's accuracy) the Jacobi run's
-dk error stayed (7.4e-3, against 5.6e-3 with tf32), and moving CG's stopping floor from ||r_0|| to ||b|| changes
-nothing here; under TRITON_F32_DEFAULT=ieee the GPU's largest error is 2.8e-6. So the error is tf32 rounding, but
-this emulation, which leaves the backward's products unrounded, does not say where it enters.
+The products are rounded everywhere, or everywhere except in the CG solves. The script prints the relative errors
+of the output and of every gradient against the float64 exact solve, on the inputs of the GPU test cases of
+tests/ops/test_chunk_gpu.py (same seeds and cotangents), for the Jacobi and the zero start. Elementwise products
+stay float32, as on the GPU.
 """
 
+import argparse
 import os
 import sys
 
@@ -29,38 +31,76 @@ from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
 from mesa_inputs import make_inputs, rel  # noqa: E402
 from test_chunk_gpu import grads_of  # noqa: E402  (the GPU test's gradient harness)
 
-CASE = dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True)
+CASES = {
+    'T65K32forget': dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True),
+    'T200K64mid': dict(B=2, T=200, H=2, K=64, V=64, gate='mid', lamb_range=(0.25, 2.0), initial_state=True),
+    'T1K64mid': dict(B=1, T=1, H=2, K=64, V=64, gate='mid', lamb_range=(0.5, 2.0), initial_state=True),
+}
+# (label, rounding outside the CG solves, rounding inside them)
+PRODUCTS = [('float32', None, None), ('tf32 (rz) everywhere: the GPU', 'rz', 'rz'),
+            ('tf32 (rz), rn in CG: the float16 patch', 'rz', 'rn'), ('rn everywhere', 'rn', 'rn')]
 NAMES = ['q', 'k', 'v', 'g', 'beta', 'lamb', 'h_kk0', 'h_kv0']
-ROUND = {'on': False}
+MODE = {'now': None, 'cg': None}
 _einsum = torch.einsum
 _cg_solve = chunk_module.torch_chunk_cg_solve
 
 
-def tf32(x):
-    if x.dtype != torch.float32:
+def tf32(x, mode='rz'):
+    """x's float32 values kept to tf32's 10 stored mantissa bits: truncated ('rz') or rounded to nearest ('rn')."""
+    if mode is None or x.dtype != torch.float32:
         return x
     bits = x.detach().contiguous().view(torch.int32)
-    return x + (((bits + 0x1000) & ~0x1FFF).view(torch.float32) - x).detach()
+    return ((bits + (0x1000 if mode == 'rn' else 0)) & ~0x1FFF).view(torch.float32)
+
+
+class RoundedEinsum(torch.autograd.Function):
+    """einsum of rounded operands; its backward's products take rounded operands too (the incoming gradient and
+    the other operands), as the GPU's backward kernels do."""
+
+    @staticmethod
+    def forward(ctx, eq, mode, *operands):
+        ctx.save_for_backward(*operands)
+        ctx.eq, ctx.mode = eq, mode
+        return _einsum(eq, *[tf32(o, mode) for o in operands])
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.enable_grad():
+            ops = [tf32(o, ctx.mode).detach().requires_grad_(o.requires_grad) for o in ctx.saved_tensors]
+            need = [o for o in ops if o.requires_grad]
+            got = iter(torch.autograd.grad(_einsum(ctx.eq, *ops), need, tf32(grad, ctx.mode)) if need else ())
+        return (None, None, *[next(got) if o.requires_grad else None for o in ops])
 
 
 def einsum(eq, *operands):
-    return _einsum(eq, *[tf32(o) for o in operands] if ROUND['on'] else operands)
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    return _einsum(eq, *operands) if MODE['now'] is None else RoundedEinsum.apply(eq, MODE['now'], *operands)
 
 
-def cg_solve_unrounded(*args, **kwargs):
-    saved, ROUND['on'] = ROUND['on'], False
+def cg_solve(*args, **kwargs):
+    saved, MODE['now'] = MODE['now'], MODE['cg']
     try:
         return _cg_solve(*args, **kwargs)
     finally:
-        ROUND['on'] = saved
+        MODE['now'] = saved
 
 
-def errors(inputs, cot, **kw):
-    saved, ROUND['on'] = ROUND['on'], False
+def errors(case, rest, cg, cg_init):
+    """Relative errors of o and every gradient of the GPU test `case` (seed 1, cotangents seed 2) against float64,
+    with the products outside and inside the CG solves rounded as `rest` and `cg`."""
+    inputs = make_inputs(**case, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    B, T, H, K, V = (case[n] for n in 'BTHKV')
+    cot = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((B, T, H, V), (B, H, K, K), (B, H, K, V))]
+    MODE['now'] = None
     o_ref, _, g_ref = grads_of(naive_recurrent_mesa, *inputs, cot)
-    ROUND['on'] = saved
     f32 = [tuple(x.float() for x in t) if isinstance(t, tuple) else t.float() for t in inputs]
-    o, _, grads = grads_of(chunk_mesa, *f32, cot, **kw)
+    MODE['now'], MODE['cg'] = rest, cg
+    try:
+        o, _, grads = grads_of(chunk_mesa, *f32, cot, cg_steps=3 * K, cg_init=cg_init)
+    finally:
+        MODE['now'] = None
     errs = {'o': rel(o, o_ref)}
     for name, a, b in zip(NAMES, grads, g_ref):
         scale = b.norm() + (g_ref[4].norm() if name == 'g' else 0)
@@ -68,24 +108,23 @@ def errors(inputs, cot, **kw):
     return errs
 
 
-def main():
-    torch.einsum = einsum
-    inputs = make_inputs(**CASE, seed=1)
-    gen = torch.Generator().manual_seed(2)
-    B, T, H, K, V = (CASE[n] for n in 'BTHKV')
-    cot = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((B, T, H, V), (B, H, K, K), (B, H, K, V))]
-    print(f"case {CASE}, cg_steps {3 * K}, relative errors against the float64 exact solve")
-    print("| products | start | " + ' | '.join(['o'] + ['d' + n for n in NAMES]) + " |")
-    print("|---|---|" + "---|" * (1 + len(NAMES)))
-    for label, rounded, cg_exact in (('float32', False, False), ('tf32 everywhere', True, False),
-                                     ('tf32 except in CG', True, True)):
-        ROUND['on'] = rounded
-        chunk_module.torch_chunk_cg_solve = cg_solve_unrounded if cg_exact else _cg_solve
-        for init in ('jacobi', 'zero'):
-            errs = errors(inputs, cot, cg_steps=3 * K, cg_init=init)
-            print(f"| {label} | {init} | " + ' | '.join(f'{e:.1e}' for e in errs.values()) + " |")
-    chunk_module.torch_chunk_cg_solve = _cg_solve
-    torch.einsum = _einsum
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES))
+    args = p.parse_args(argv)
+    torch.einsum, chunk_module.torch_chunk_cg_solve = einsum, cg_solve
+    try:
+        for name in args.cases:
+            print(f"\n{name}: {CASES[name]}, cg_steps {3 * CASES[name]['K']}; relative errors against float64")
+            print("| products | start | " + ' | '.join(['o'] + ['d' + n for n in NAMES]) + " | largest |")
+            print("|---|---|" + "---|" * (2 + len(NAMES)))
+            for label, rest, cg in PRODUCTS:
+                for init in ('jacobi', 'zero'):
+                    errs = errors(CASES[name], rest, cg, init)
+                    print(f"| {label} | {init} | " + ' | '.join(f'{e:.1e}' for e in errs.values())
+                          + f" | {max(errs.values()):.1e} |", flush=True)
+    finally:
+        torch.einsum, chunk_module.torch_chunk_cg_solve = _einsum, _cg_solve
 
 
 if __name__ == '__main__':

@@ -51,11 +51,13 @@ def test_throughput_smoke():
 def test_tf32_emulation_rounds_and_restores():
     import torch
     emu = load(os.path.join(ROOT, 'benchmarks', 'ops', 'tf32_emulation.py'), 'ops_tf32_emulation')
-    x = torch.tensor([1 + 2 ** -12, 1 + 2 ** -9], dtype=torch.float32)
-    assert emu.tf32(x).tolist() == [1.0, 1 + 2 ** -9]
-    einsum = torch.einsum
-    emu.main()
-    assert torch.einsum is einsum
+    # tf32 keeps 10 stored mantissa bits (a step of 2^-10 at 1): truncated as the GPU does, or rounded to nearest
+    x = torch.tensor([1 + 2 ** -12, 1 + 3 * 2 ** -12, 1 + 2 ** -9], dtype=torch.float32)
+    assert emu.tf32(x).tolist() == [1.0, 1.0, 1 + 2 ** -9]
+    assert emu.tf32(x, 'rn').tolist() == [1.0, 1 + 2 ** -10, 1 + 2 ** -9]
+    einsum, solve = torch.einsum, emu.chunk_module.torch_chunk_cg_solve
+    emu.main(['--cases', 'T1K64mid'])
+    assert torch.einsum is einsum and emu.chunk_module.torch_chunk_cg_solve is solve
 
 
 def test_cg_preconditioning_study_solves_and_counts():
