@@ -109,10 +109,12 @@ def errors(case, rest, cg, cg_init):
 
 
 def main(argv=None):
+    """Prints the tables; returns {(case, products label, start): errors}."""
     p = argparse.ArgumentParser()
     p.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES))
     args = p.parse_args(argv)
     torch.einsum, chunk_module.torch_chunk_cg_solve = einsum, cg_solve
+    rows = {}
     try:
         for name in args.cases:
             print(f"\n{name}: {CASES[name]}, cg_steps {3 * CASES[name]['K']}; relative errors against float64")
@@ -120,11 +122,12 @@ def main(argv=None):
             print("|---|---|" + "---|" * (2 + len(NAMES)))
             for label, rest, cg in PRODUCTS:
                 for init in ('jacobi', 'zero'):
-                    errs = errors(CASES[name], rest, cg, init)
+                    errs = rows[name, label, init] = errors(CASES[name], rest, cg, init)
                     print(f"| {label} | {init} | " + ' | '.join(f'{e:.1e}' for e in errs.values())
                           + f" | {max(errs.values()):.1e} |", flush=True)
     finally:
         torch.einsum, chunk_module.torch_chunk_cg_solve = _einsum, _cg_solve
+    return rows
 
 
 if __name__ == '__main__':
