@@ -86,19 +86,24 @@ def cg_solve(*args, **kwargs):
         MODE['now'] = saved
 
 
-def errors(case, rest, cg, cg_init):
-    """Relative errors of o and every gradient of the GPU test `case` (seed 1, cotangents seed 2) against float64,
-    with the products outside and inside the CG solves rounded as `rest` and `cg`."""
+def reference(case):
+    """The GPU test `case`'s inputs (seed 1), cotangents (seed 2), and float64 exact output and gradients."""
     inputs = make_inputs(**case, seed=1)
     gen = torch.Generator().manual_seed(2)
     B, T, H, K, V = (case[n] for n in 'BTHKV')
     cot = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((B, T, H, V), (B, H, K, K), (B, H, K, V))]
-    MODE['now'] = None
     o_ref, _, g_ref = grads_of(naive_recurrent_mesa, *inputs, cot)
+    return inputs, cot, o_ref, g_ref
+
+
+def errors(ref, rest, cg, cg_init):
+    """Relative errors of o and every gradient against `reference`'s, on its fp32 inputs, with the products outside
+    and inside the CG solves rounded as `rest` and `cg`."""
+    inputs, cot, o_ref, g_ref = ref
     f32 = [tuple(x.float() for x in t) if isinstance(t, tuple) else t.float() for t in inputs]
     MODE['now'], MODE['cg'] = rest, cg
     try:
-        o, _, grads = grads_of(chunk_mesa, *f32, cot, cg_steps=3 * K, cg_init=cg_init)
+        o, _, grads = grads_of(chunk_mesa, *f32, cot, cg_steps=3 * inputs[0].shape[-1], cg_init=cg_init)
     finally:
         MODE['now'] = None
     errs = {'o': rel(o, o_ref)}
@@ -117,12 +122,13 @@ def main(argv=None):
     rows = {}
     try:
         for name in args.cases:
+            ref = reference(CASES[name])
             print(f"\n{name}: {CASES[name]}, cg_steps {3 * CASES[name]['K']}; relative errors against float64")
             print("| products | start | " + ' | '.join(['o'] + ['d' + n for n in NAMES]) + " | largest |")
             print("|---|---|" + "---|" * (2 + len(NAMES)))
             for label, rest, cg in PRODUCTS:
                 for init in ('jacobi', 'zero'):
-                    errs = rows[name, label, init] = errors(CASES[name], rest, cg, init)
+                    errs = rows[name, label, init] = errors(ref, rest, cg, init)
                     print(f"| {label} | {init} | " + ' | '.join(f'{e:.1e}' for e in errs.values())
                           + f" | {max(errs.values()):.1e} |", flush=True)
     finally:
