@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -77,7 +78,8 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
     sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
                tol_sq='fp32', steps='i32', T='i32')
     const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
-                 SOLVE=True, JACOBI=True, PRECOND=precond, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False)
+                 PDT=tl.float16, SOLVE=True, JACOBI=True, PRECOND=precond, STORE_ITERS=False, OUTPUT=output,
+                 IS_VARLEN=False)
     if output:
         sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
     else:

@@ -8,8 +8,8 @@ to nearest (benchmarks/ops/fp16_products/dotprec.py, RESULTS eighteenth session)
 PyTorch path, which is the CUDA path's composition (the forward's states and CG, and a backward of GLA passes plus
 the adjoint CG solve), with every operand of every `torch.einsum` product rounded, forward and backward alike:
 - 'rz': truncated to tf32, the GPU's products;
-- 'rn': rounded to nearest at tf32's width, float16's significand (the unmerged patch in
-  benchmarks/ops/fp16_products/).
+- 'rn': rounded to nearest at tf32's width, float16's significand (the CG kernel's scaled float16 products, which
+  it takes for half-precision inputs only: `fla_mesa.ops.cg.products_dtype`).
 
 The products are rounded everywhere, or everywhere except in the CG solves. The script prints the relative errors
 of the output and of every gradient against the float64 exact solve, on the inputs of the GPU test cases of
@@ -38,7 +38,7 @@ CASES = {
 }
 # (label, rounding outside the CG solves, rounding inside them)
 PRODUCTS = [('float32', None, None), ('tf32 (rz) everywhere: the GPU', 'rz', 'rz'),
-            ('tf32 (rz), rn in CG: the float16 patch', 'rz', 'rn'), ('rn everywhere', 'rn', 'rn')]
+            ('tf32 (rz), rn in CG: float16 CG products', 'rz', 'rn'), ('rn everywhere', 'rn', 'rn')]
 NAMES = ['q', 'k', 'v', 'g', 'beta', 'lamb', 'h_kk0', 'h_kv0']
 MODE = {'now': None, 'cg': None}
 _einsum = torch.einsum

@@ -7,8 +7,9 @@ CG is plain, or preconditioned with the Jacobi preconditioner diag(H_t + diag(la
 start x_0 = b / diag(...) is the separate `cg_init`). Each token stops once ||r_k|| <= max(cg_tol, floor) * ||r_0||,
 and a chunk's loop ends when all its tokens have stopped, or after `cg_steps` iterations. The floor follows the
 products' precision: the compute dtype's machine epsilon for the PyTorch path (iterating past it lets the
-recursively updated residual underflow, and CG then diverges), `TF32_FLOOR` for the Triton kernel's tf32
-products (more iterations moved no error of o or of a gradient by 1%: benchmarks/RESULTS.md, fifteenth session).
+recursively updated residual underflow, and CG then diverges), `TF32_FLOOR` for the Triton kernel's products,
+tf32 or scaled float16 (`products_dtype`; with tf32, more iterations moved no error of o or of a gradient by 1%:
+benchmarks/RESULTS.md, fifteenth session).
 """
 
 import math
@@ -25,24 +26,64 @@ from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
 # the kernel holds a [K, K] float32 state tile in shared memory and [rows, K] float32 CG vectors in registers
 MAX_KERNEL_K = 128
-# the kernel's CG floor with tf32 products (unit roundoff 2^-11): stopping at a relative residual of 2^-16 adds an
-# error (at most cond(H_t + diag(lamb)) * 2^-16) a 32nd of the products' rounding error (about cond * 2^-11)
+# the kernel's CG floor with tf32 or float16 products (unit roundoff 2^-11): stopping at a relative residual of
+# 2^-16 adds an error (at most cond(H_t + diag(lamb)) * 2^-16) a 32nd of the products' rounding error (about
+# cond * 2^-11)
 TF32_FLOOR = 2 ** -16
+
+
+def full_products() -> bool:
+    """Whether the kernel's float32 products are full float32 (`TRITON_F32_DEFAULT=ieee`, or Triton's interpreter)
+    rather than tf32."""
+    return os.environ.get('TRITON_F32_DEFAULT') == 'ieee' or os.environ.get('TRITON_INTERPRET') == '1'
+
+
+def products_dtype(dtype: torch.dtype):
+    """The kernel's product operand type for keys of `dtype`. Half-precision inputs: float16 operands scaled by powers
+    of two, tf32's 11-bit significand rounded to nearest at twice its tensor-core rate (1.6x faster CG iterations
+    on an H100). Float32 inputs keep float32 (tf32) operands: with fp32 inputs, tf32's truncation in the CG solves
+    offsets the same truncation in the backward's other products, and float16 solves made dq, dv and dlamb 1.4x
+    less accurate (benchmarks/RESULTS.md, eighteenth session)."""
+    return tl.float16 if dtype in (torch.bfloat16, torch.float16) and not full_products() else tl.float32
 
 
 def kernel_floor() -> float:
     """The relative residual at which the kernel's CG stops without `cg_tol`: `TF32_FLOOR`, or float32's machine
-    epsilon where its products are full float32 (`TRITON_F32_DEFAULT=ieee`, or Triton's interpreter)."""
-    full = os.environ.get('TRITON_F32_DEFAULT') == 'ieee' or os.environ.get('TRITON_INTERPRET') == '1'
-    return torch.finfo(torch.float32).eps if full else TF32_FLOOR
+    epsilon where its products are full float32 (`full_products`)."""
+    return torch.finfo(torch.float32).eps if full_products() else TF32_FLOOR
 
 
 @triton.jit
-def _system_product(b_p, b_k, b_hm, b_decay, b_eg, b_lamb):
+def _pow2(b_m):
+    # the power of two at or below b_m (1 where b_m is 0 or subnormal): scaling by it, or by its inverse, is exact
+    b_e = b_m.to(tl.int32, bitcast=True) & 0x7F800000
+    return tl.where(b_e > 0, b_e.to(tl.float32, bitcast=True), 1.)
+
+
+@triton.jit
+def _scaled(b_a, PDT: tl.constexpr):
+    # (b_a / sc, sc) with sc a power of two near b_a's largest magnitude, the quotient cast to the products' dtype:
+    # float16 has tf32's 11-bit significand, and the scaling keeps the tile inside its range
+    b_sc = _pow2(tl.max(tl.max(tl.abs(b_a), 1), 0))
+    return (b_a * (1. / b_sc)).to(PDT), b_sc
+
+
+@triton.jit
+def _scaled_rows(b_a, PDT: tl.constexpr):
+    # `_scaled` with one power of two per row
+    b_sc = _pow2(tl.max(tl.abs(b_a), 1))
+    return (b_a * (1. / b_sc)[:, None]).to(PDT), b_sc
+
+
+@triton.jit
+def _system_product(b_p, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
     # (H_t + diag(lamb)) p_t for the program's rows: exp2(g_t) H_c p_t from the chunk-start state, plus the chunk's
-    # keys up to t (decay holds exp2(g_t - g_s) beta_s), plus lamb * p_t
-    b_s = tl.dot(b_p, tl.trans(b_k)) * b_decay
-    return b_eg[:, None] * tl.dot(b_p, b_hm) + tl.dot(b_s, b_k) + b_lamb[None, :] * b_p
+    # keys up to t (decay holds exp2(g_t - g_s) beta_s, scaled), plus lamb * p_t. The keys and the state come
+    # `_scaled`, by sqrt(b_kc / decay's scale) and b_hsc
+    b_q, b_psc = _scaled_rows(b_p, b_k.dtype)
+    b_s = (tl.dot(b_q, tl.trans(b_k)) * b_decay).to(b_k.dtype)
+    b_y = (b_psc * b_eg * b_hsc)[:, None] * tl.dot(b_q, b_hm) + (b_psc * b_kc)[:, None] * tl.dot(b_s, b_k)
+    return b_y + b_lamb[None, :] * b_p
 
 
 @triton.jit
@@ -81,6 +122,7 @@ def chunk_cg_kernel(
     BR: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    PDT: tl.constexpr,
     SOLVE: tl.constexpr,
     JACOBI: tl.constexpr,
     PRECOND: tl.constexpr,
@@ -111,8 +153,13 @@ def chunk_cg_kernel(
 
     # decay[t, s] = exp2(g_t - g_s) * beta_s for key s <= token t in the chunk
     m_ts = (o_t[:, None] >= o_s[None, :]) & m_t[:, None] & m_s[None, :]
-    b_decay = tl.where(m_ts, tl.exp2(tl.where(m_ts, b_g[:, None] - b_gs[None, :], 0.)) * b_beta[None, :], 0.)
+    # divided by b_dsc, a power of two near the largest |beta_s|, so that decayed scores stay in float16's range
+    b_dsc = _pow2(tl.max(tl.abs(b_beta), 0))
+    b_decay = tl.exp2(tl.where(m_ts, b_g[:, None] - b_gs[None, :], 0.)) * (b_beta * (1. / b_dsc))[None, :]
+    b_decay = tl.where(m_ts, b_decay, 0.)
     b_eg = tl.exp2(b_g)
+    b_kq, b_ksc = _scaled(b_k, PDT)
+    b_kc = b_ksc * b_ksc * b_dsc
 
     b_x = b_b
     b_cnt = tl.zeros([BR], dtype=tl.int32)
@@ -121,14 +168,14 @@ def chunk_cg_kernel(
         p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
         m_kk = m_k[:, None] & m_k[None, :]
         # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
-        b_hm = tl.load(p_h, mask=m_kk, other=0.)
+        b_hm, b_hsc = _scaled(tl.load(p_h, mask=m_kk, other=0.), PDT)
         b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start and the preconditioner
         if JACOBI or PRECOND:
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
-            b_diag = b_eg[:, None] * b_hdiag[None, :] + tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
+            b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
         if JACOBI:
             b_x = b_b / b_diag
-            b_r = b_b - _system_product(b_x, b_k, b_hm, b_decay, b_eg, b_lamb)
+            b_r = b_b - _system_product(b_x, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
         else:
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
@@ -140,7 +187,7 @@ def chunk_cg_kernel(
         todo = tl.max(b_rs - b_thresh, 0) > 0
         while (i < steps) & todo:
             b_active = b_rs > b_thresh
-            b_ap = _system_product(b_p, b_k, b_hm, b_decay, b_eg, b_lamb)
+            b_ap = _system_product(b_p, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
             b_pap = tl.sum(b_p * b_ap, 1)
             b_alpha = tl.where(b_active & (b_pap > 0), b_rz / tl.where(b_pap > 0, b_pap, 1.), 0.)
             b_x += b_alpha[:, None] * b_p
@@ -161,14 +208,18 @@ def chunk_cg_kernel(
     if OUTPUT:
         # o_t = exp2(g_t) x_t S_c + sum_{s <= t} (x_t . k_s) exp2(g_t - g_s) beta_s v_s, with the chunk-start
         # state S_c = h_kv [K, V]: the GLA output pass, while x and the chunk's keys are still on chip
-        b_sx = tl.dot(b_x, tl.trans(b_k)) * b_decay
+        b_xq, b_xsc = _scaled_rows(b_x, PDT)
+        b_sx = (tl.dot(b_xq, tl.trans(b_kq)) * b_decay).to(PDT)
         p_hv = h_kv + (i_tg * H + i_h).to(tl.int64) * K * V
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
-            b_v = tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
-            b_hv = tl.load(p_hv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-            b_o = b_eg[:, None] * tl.dot(b_x, b_hv) + tl.dot(b_sx, b_v.to(tl.float32))
+            b_v, b_vsc = _scaled(tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :],
+                                         other=0.).to(tl.float32), PDT)
+            b_hv, b_hvsc = _scaled(tl.load(p_hv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                                           other=0.), PDT)
+            b_o = ((b_xsc * b_eg * b_hvsc)[:, None] * tl.dot(b_xq, b_hv)
+                   + (b_xsc * (b_ksc * b_dsc * b_vsc))[:, None] * tl.dot(b_sx, b_v))
             tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
@@ -228,6 +279,7 @@ def chunk_cg_solve(
         V=V,
         BT=chunk_size,
         BV=min(64, max(16, triton.next_power_of_2(V))),
+        PDT=products_dtype(k.dtype),
         SOLVE=cg_steps > 0,
         JACOBI=cg_init == 'jacobi',
         PRECOND=cg_precond == 'jacobi',

@@ -273,9 +273,9 @@ def chunk_mesa(
             attention (x = q). Default: 30, as in the paper.
         cg_tol (float | None): stop a chunk of tokens once each has ||r_k|| <= cg_tol * ||r_0|| (the paper's
             rule; r_0 is the residual of the start). `None` runs `cg_steps` iterations, or fewer for tokens whose
-            residual reaches the floor of the products' precision: `2^-16 * ||r_0||` for the CUDA kernel's tf32
-            products (float32's eps under `TRITON_F32_DEFAULT=ieee`), `eps * ||r_0||` with the compute dtype's eps
-            on the PyTorch path; tolerances below the floor act as the floor. Default: None.
+            residual reaches the floor of the products' precision: `2^-16 * ||r_0||` for the CUDA kernel's tf32 or
+            float16 products (float32's eps under `TRITON_F32_DEFAULT=ieee`), `eps * ||r_0||` with the compute
+            dtype's eps on the PyTorch path; tolerances below the floor act as the floor. Default: None.
         cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`.
         cg_precond (str): `'jacobi'` runs CG preconditioned with diag(H_t + diag(lamb)), in the forward's solve and
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
@@ -311,9 +311,11 @@ def chunk_mesa(
 
     Precision: the chunk states of H and G, every CG vector (x, r, p, residual norms) and the output
     product are float32 whatever the input dtype (float64 for float64 inputs off CUDA); final states are
-    float32. On CUDA the products run on tf32 tensor cores (unit roundoff 2^-11), as in fla's chunk
-    primitives; the backward's GLA passes multiply in float32 (half-precision k, v and do read as they are), or
-    with `fp32_backward=False` take x, -u, k, beta * k, beta * v and do in the input dtype.
+    float32. On CUDA the products run on tensor cores at unit roundoff 2^-11: tf32, as in fla's chunk
+    primitives, except in the CG kernel with half-precision inputs, whose operands are float16 scaled by powers of
+    two (tf32's significand, rounded to nearest instead of truncated, at twice the rate); the backward's GLA passes
+    multiply in float32 (half-precision k, v and do read as they are), or with `fp32_backward=False` take x, -u, k,
+    beta * k, beta * v and do in the input dtype.
     """
     B, T, H, K, V, N = check_inputs(q, k, v, g, beta, lamb, initial_state, cu_seqlens, cg_steps, cg_tol, cg_init,
                                     check_values, cg_precond)

@@ -163,15 +163,20 @@ def test_start_does_not_change_converged_output_or_gradients():
     assert_grads_close(g_j, g_z)
 
 
-def test_kernel_floor_follows_the_products_precision(monkeypatch):
-    """The CUDA kernel's CG floor is 2^-16 for its tf32 products, float32's eps where they are full float32."""
-    from fla_mesa.ops.cg import TF32_FLOOR, kernel_floor
+def test_kernel_floor_and_products_follow_the_products_precision(monkeypatch):
+    """The CUDA kernel's CG floor is 2^-16 for its tf32 or float16 products, float32's eps where they are full
+    float32; half-precision inputs get float16 products, float32 inputs float32 (tf32) ones."""
+    import triton.language as tl
+    from fla_mesa.ops.cg import TF32_FLOOR, kernel_floor, products_dtype
     monkeypatch.delenv('TRITON_F32_DEFAULT', raising=False)
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     assert kernel_floor() == TF32_FLOOR == 2 ** -16
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    assert [products_dtype(d) for d in dtypes] == [tl.float16, tl.float16, tl.float32]
     for name, value in (('TRITON_F32_DEFAULT', 'ieee'), ('TRITON_INTERPRET', '1')):
         monkeypatch.setenv(name, value)
         assert kernel_floor() == torch.finfo(torch.float32).eps
+        assert products_dtype(torch.bfloat16) == tl.float32
         monkeypatch.delenv(name)
 
 

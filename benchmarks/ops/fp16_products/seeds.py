@@ -1,14 +1,13 @@
 """fp32-input outputs and gradients of chunk_mesa against float64 over six seeds (T = 1, 200 at K = 64; T = 130 at
-K = 128), float16 against tf32 products in the CG kernel: the mean of each error and the largest. Needs
-cg-fp16.patch.
+K = 128), float16 against tf32 products in the CG kernel: the mean of each error and the largest.
 Run from the repository root on a GPU (benchmarks/ops/fp16_products/README.md)."""
 import sys, torch
 sys.path.insert(0, 'tests/ops')
+import triton.language as tl
 import fla_mesa.ops.cg as cg
 from test_chunk_gpu import grads_of, cuda
 from mesa_inputs import make_inputs
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
-full0 = cg.full_products
 for T, K in ((1, 64), (200, 64), (130, 128)):
     rows = {'fp16': [], 'tf32': []}
     for seed in range(1, 7):
@@ -19,7 +18,7 @@ for T, K in ((1, 64), (200, 64), (130, 128)):
         o_ref, s_ref, g_ref = grads_of(naive_recurrent_mesa, *cuda(*inputs), cuda(*cot))
         f32 = [None if t is None else (tuple(x.float() for x in t) if isinstance(t, tuple) else t.float()) for t in inputs]
         for mode in ('fp16', 'tf32'):
-            cg.full_products = full0 if mode == 'fp16' else (lambda: True)
+            cg.products_dtype = (lambda dtype: tl.float16) if mode == 'fp16' else (lambda dtype: tl.float32)
             cg.kernel_floor = lambda: cg.TF32_FLOOR
             o, s, grads = grads_of(chunk_mesa, *cuda(*f32), cuda(*cot), cg_steps=3 * K)
             e = [((o.double() - o_ref).norm() / o_ref.norm()).item()]

@@ -1,15 +1,15 @@
 """chunk_mesa's backward (fp32 inputs, T = 200, K = 64, seeds 1 and 2): the error of the adjoint solve's right-hand
 side dx against G^T do, of u against the exact solve of that dx, and of dq = u, with float16 and with tf32
-products in the CG kernel. Needs cg-fp16.patch.
+products in the CG kernel.
 Run from the repository root on a GPU (benchmarks/ops/fp16_products/README.md)."""
 import sys, torch
 sys.path.insert(0, 'tests/ops')
+import triton.language as tl
 import fla_mesa.ops.cg as cg
 import fla_mesa.ops.chunk as chunk
 from test_chunk_gpu import grads_of, cuda
 from mesa_inputs import make_inputs
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
-full0 = cg.full_products
 orig = chunk.chunk_cg_solve
 rec = {}
 def hook(b, *a, **kw):
@@ -28,7 +28,7 @@ for seed in (1, 2):
     q, k, v, g, beta, lamb, state = inputs
     bs = {}
     for mode in ('fp16', 'tf32'):
-        cg.full_products = full0 if mode == 'fp16' else (lambda: True)
+        cg.products_dtype = (lambda dtype: tl.float16) if mode == 'fp16' else (lambda dtype: tl.float32)
         cg.kernel_floor = lambda: cg.TF32_FLOOR
         o, s, grads = grads_of(chunk_mesa, *cuda(*f32), cuda(*cot), cg_steps=3 * K)
         b, u = rec['b'].double().cpu(), rec['u'].double().cpu()
