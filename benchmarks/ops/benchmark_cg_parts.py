@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
+from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel, products_dtype
 from fla_mesa.ops.states import chunk_states_fwd
 
 B, T, H = 8, 2048, 16
@@ -43,8 +43,8 @@ def launch(d, steps, jacobi, output, BR, warps, BV=64):
     chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         d['q'], d['k'], d['beta'], d['gc'], d['h_kk'], d['lamb'], d['x'], None,
         *((d['v'], d['h_kv'], d['o']) if output else (None,) * 3), None, None, tol_sq=0., steps=steps, T=T, H=H,
-        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_ITERS=False,
-        OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
+        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, PDT=products_dtype(d['k'].dtype), SOLVE=steps > 0, JACOBI=jacobi,
+        PRECOND=False, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
 
 
 def main():
