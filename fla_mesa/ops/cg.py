@@ -76,6 +76,13 @@ def _scaled_rows(b_a, PDT: tl.constexpr):
 
 
 @triton.jit
+def _scaled_cols(b_a, PDT: tl.constexpr):
+    # `_scaled` with one power of two per column
+    b_sc = _pow2(tl.max(tl.abs(b_a), 0))
+    return (b_a * (1. / b_sc)[None, :]).to(PDT), b_sc
+
+
+@triton.jit
 def _system_product(b_p, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
     # (H_t + diag(lamb)) p_t for the program's rows: exp2(g_t) H_c p_t from the chunk-start state, plus the chunk's
     # keys up to t (decay holds exp2(g_t - g_s) beta_s, scaled), plus lamb * p_t. The keys and the state come
@@ -207,19 +214,22 @@ def chunk_cg_kernel(
         tl.store(iters + row, b_cnt, mask=m_t)
     if OUTPUT:
         # o_t = exp2(g_t) x_t S_c + sum_{s <= t} (x_t . k_s) exp2(g_t - g_s) beta_s v_s, with the chunk-start
-        # state S_c = h_kv [K, V]: the GLA output pass, while x and the chunk's keys are still on chip
+        # state S_c = h_kv [K, V]: the GLA output pass, while x and the chunk's keys are still on chip. Each output
+        # row and column gets its own scales (x's and the scores' rows, the values' and the state's columns), so
+        # that a token or a value channel far below the others keeps its own relative precision
         b_xq, b_xsc = _scaled_rows(b_x, PDT)
-        b_sx = (tl.dot(b_xq, tl.trans(b_kq)) * b_decay).to(PDT)
+        b_sx, b_sxsc = _scaled_rows(tl.dot(b_xq, tl.trans(b_kq)) * b_decay, PDT)
+        b_sxsc = b_xsc * b_sxsc * (b_ksc * b_dsc)
         p_hv = h_kv + (i_tg * H + i_h).to(tl.int64) * K * V
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
-            b_v, b_vsc = _scaled(tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :],
-                                         other=0.).to(tl.float32), PDT)
-            b_hv, b_hvsc = _scaled(tl.load(p_hv + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                                           other=0.), PDT)
-            b_o = ((b_xsc * b_eg * b_hvsc)[:, None] * tl.dot(b_xq, b_hv)
-                   + (b_xsc * (b_ksc * b_dsc * b_vsc))[:, None] * tl.dot(b_sx, b_v))
+            b_v, b_vsc = _scaled_cols(tl.load(v + row_s[:, None] * V + o_v[None, :],
+                                              mask=m_s[:, None] & m_v[None, :], other=0.).to(tl.float32), PDT)
+            b_hv, b_hvsc = _scaled_cols(tl.load(p_hv + o_k[:, None] * V + o_v[None, :],
+                                                mask=m_k[:, None] & m_v[None, :], other=0.), PDT)
+            b_o = ((b_xsc * b_eg)[:, None] * b_hvsc[None, :] * tl.dot(b_xq, b_hv)
+                   + b_sxsc[:, None] * b_vsc[None, :] * tl.dot(b_sx, b_v))
             tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
