@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
+from fla_mesa.ops import chunk_mesa
+
 # log forget gate g: near 0 (gamma ~ 1, long memory), moderate, or very negative (gamma ~ 0)
 GATE_RANGES = {'keep': (-1e-3, 0.0), 'mid': (-1.0, -0.01), 'forget': (-20.0, -5.0)}
 # input gate beta near 0, anywhere, or near 1
@@ -60,3 +62,33 @@ def shapes(draw, max_T=70):
         K=draw(st.sampled_from([4, 8, 16])),
         V=draw(st.sampled_from([3, 8])),
     )
+
+
+def spread_errors(dtype, device, seed=0, B=1, T=256, H=2, K=64, V=64):
+    """`chunk_mesa`'s output on inputs spread inside one chunk or tile: value channels scaled from 1e-6 to 1e2, and
+    the first 40 tokens' beta 1e-6 times the others' (without an initial state, their outputs are 1e-6 times the
+    later tokens'). Returns o's largest error on one token and on one value channel against the float64 exact solve,
+    each relative to the size of the product o_t = G_t x_t, ||G_t[:, j]|| ||x_t|| summed in the same norm: the
+    size that the dtype's rounding bounds the error by, even where o_t itself is small by cancellation."""
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
+    v = (torch.randn(B, T, H, V, generator=gen) * 10 ** torch.linspace(-6, 2, V)).to(dtype)
+    g = -0.2 * torch.rand(B, T, H, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen) * torch.where(torch.arange(T) < 40, 1e-6, 1.)[None, :, None]
+    lamb = torch.rand(H, K, generator=gen) + 0.25
+    o, _ = chunk_mesa(*(t.to(device) for t in (q, k, v, g, beta, lamb)), cg_steps=3 * K)
+    q, k, v, g, beta, lamb = (t.double() for t in (q, k, v, g, beta, lamb))
+    Hs, Gs = torch.zeros(B, H, K, K, dtype=torch.float64), torch.zeros(B, H, K, V, dtype=torch.float64)
+    o_ref, size = torch.empty(B, T, H, V, dtype=torch.float64), torch.empty(B, T, H, V, dtype=torch.float64)
+    for t in range(T):
+        decay, bt, kt = g[:, t].exp()[..., None, None], beta[:, t, :, None, None], k[:, t, :, :, None]
+        Hs = decay * Hs + bt * kt * kt.transpose(-1, -2)
+        Gs = decay * Gs + bt * kt * v[:, t, :, None, :]
+        x = torch.linalg.solve(Hs + torch.diag_embed(lamb), q[:, t, :, :, None])
+        o_ref[:, t] = (Gs * x).sum(-2)
+        size[:, t] = Gs.norm(dim=-2) * x.norm(dim=(-2, -1))[..., None]
+    d = o.double().cpu() - o_ref
+    by_token = (d.norm(dim=-1) / size.norm(dim=-1)).max().item()
+    by_channel = (d.norm(dim=(0, 1)) / size.norm(dim=(0, 1))).max().item()
+    return by_token, by_channel

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from mesa_inputs import BETA_RANGES, GATE_RANGES, make_inputs, rel, shapes
+from mesa_inputs import BETA_RANGES, GATE_RANGES, make_inputs, rel, shapes, spread_errors
 
 from fla_mesa.ops import chunk_mesa, naive_cg_mesa, naive_recurrent_mesa
 
@@ -225,6 +225,14 @@ def test_half_and_single_inputs_reach_the_rounding_floor(dtype, tol):
     assert o.dtype == dtype and s[0].dtype == torch.float32 and s[1].dtype == torch.float32
     assert rel(o, o_ref) < tol
     assert rel(s[0], s_ref[0]) < 1e-5 and rel(s[1], s_ref[1]) < 1e-5
+
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2 ** -20), (torch.bfloat16, 2 ** -8 + 2 ** -20)])
+def test_small_value_channels_and_tokens_keep_their_precision(dtype, tol):
+    """Value channels from 1e-6 to 1e2 and tokens whose outputs are 1e-6 times their chunk's others: on the worst
+    token and channel the error stays at the output's rounding to `dtype` (2^-8 for bf16) plus 16 units of float32's
+    (2^-24), relative to ||G_t|| ||x_t||."""
+    assert max(spread_errors(dtype, 'cpu', T=100, K=16, V=16)) < tol
 
 
 def test_l2norm_in_kernel():
