@@ -29,7 +29,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests', 'ops')]
 import fla_mesa.ops.chunk as chunk_module  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
 from mesa_inputs import make_inputs, rel  # noqa: E402
-from test_chunk_gpu import grads_of  # noqa: E402  (the GPU test's gradient harness)
+from test_chunk_gpu import grad_errors, grads_of  # noqa: E402  (the GPU test's gradient harness)
 
 CASES = {
     'T65K32forget': dict(B=2, T=65, H=2, K=32, V=48, gate='forget', lamb_range=(0.01, 10.0), initial_state=True),
@@ -106,11 +106,7 @@ def errors(ref, rest, cg, cg_init):
         o, _, grads = grads_of(chunk_mesa, *f32, cot, cg_steps=3 * inputs[0].shape[-1], cg_init=cg_init)
     finally:
         MODE['now'] = None
-    errs = {'o': rel(o, o_ref)}
-    for name, a, b in zip(NAMES, grads, g_ref):
-        scale = b.norm() + (g_ref[4].norm() if name == 'g' else 0)
-        errs['d' + name] = ((a.double() - b).norm() / scale).item()
-    return errs
+    return {'o': rel(o, o_ref), **grad_errors(grads, g_ref)}
 
 
 def main(argv=None):
