@@ -490,8 +490,8 @@ def fused_recurrent_mesa(
         float64 inputs. There is no backward: calling `.backward()` through the outputs raises
         `NotImplementedError` (run decoding under `torch.no_grad()`; train with `chunk_mesa`).
         Each token stops at `max(cg_tol, eps) * ||r_0||`: the floor of its float32 products, as `chunk_mesa`'s
-        PyTorch path (its CUDA kernel's tf32 or float16 products stop at 2^-16), so a prefill-then-decode agrees with one
-        `chunk_mesa` call to rounding.
+        PyTorch path (its CUDA kernel's tf32 or float16 products stop at 2^-16), so a prefill-then-decode agrees
+        with one `chunk_mesa` call to rounding.
         A warm start from the previous token's solution is not offered: x_{t-1} solves a system with another
         right-hand side (q_{t-1}), and carrying it would add a third state tensor to the `(h_kk, h_kv)` format.
 
