@@ -64,12 +64,38 @@ def shapes(draw, max_T=70):
     )
 
 
+def exact_solve(q, k, v, g, beta, lamb, h0=None):
+    """Float64, token by token: x_t = (H_t + diag(lamb))^{-1} q_t `[B, T, H, K]`, o_t = G_t x_t `[B, T, H, V]`, and
+    the size of that product, ||G_t[:, j]|| ||x_t|| `[B, T, H, V]`: what the dtype's rounding bounds o's error by,
+    even where o_t itself is small by cancellation. H starts at `h0` (or zero), G at zero."""
+    q, k, v, g, beta, lamb = (t.double() for t in (q, k, v, g, beta, lamb))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    Hs = torch.zeros(B, H, K, K, dtype=torch.float64) if h0 is None else h0.double()
+    Gs = torch.zeros(B, H, K, V, dtype=torch.float64)
+    x, o, size = torch.empty_like(q), q.new_empty(B, T, H, V), q.new_empty(B, T, H, V)
+    for t in range(T):
+        decay, bt, kt = g[:, t].exp()[..., None, None], beta[:, t, :, None, None], k[:, t, :, :, None]
+        Hs = decay * Hs + bt * kt * kt.transpose(-1, -2)
+        Gs = decay * Gs + bt * kt * v[:, t, :, None, :]
+        xt = torch.linalg.solve(Hs + torch.diag_embed(lamb), q[:, t, :, :, None])
+        x[:, t], o[:, t] = xt[..., 0], (Gs * xt).sum(-2)
+        size[:, t] = Gs.norm(dim=-2) * xt.norm(dim=(-2, -1))[..., None]
+    return x, o, size
+
+
+def worst_token_and_channel(o, o_ref, size):
+    """o's largest error on one token and on one value channel against `exact_solve`'s o_ref, each relative to its
+    size of the product summed in the same norm."""
+    d = o.double().cpu() - o_ref
+    return ((d.norm(dim=-1) / size.norm(dim=-1)).max().item(),
+            (d.norm(dim=(0, 1)) / size.norm(dim=(0, 1))).max().item())
+
+
 def spread_errors(dtype, device, seed=0, B=1, T=256, H=2, K=64, V=64):
     """`chunk_mesa`'s output on inputs spread inside one chunk or tile: value channels scaled from 1e-6 to 1e2, and
     the first 40 tokens' beta 1e-6 times the others' (without an initial state, their outputs are 1e-6 times the
-    later tokens'). Returns o's largest error on one token and on one value channel against the float64 exact solve,
-    each relative to the size of the product o_t = G_t x_t, ||G_t[:, j]|| ||x_t|| summed in the same norm: the
-    size that the dtype's rounding bounds the error by, even where o_t itself is small by cancellation."""
+    later tokens'). Returns `worst_token_and_channel` against the float64 exact solve."""
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
@@ -78,17 +104,4 @@ def spread_errors(dtype, device, seed=0, B=1, T=256, H=2, K=64, V=64):
     beta = torch.rand(B, T, H, generator=gen) * torch.where(torch.arange(T) < 40, 1e-6, 1.)[None, :, None]
     lamb = torch.rand(H, K, generator=gen) + 0.25
     o, _ = chunk_mesa(*(t.to(device) for t in (q, k, v, g, beta, lamb)), cg_steps=3 * K)
-    q, k, v, g, beta, lamb = (t.double() for t in (q, k, v, g, beta, lamb))
-    Hs, Gs = torch.zeros(B, H, K, K, dtype=torch.float64), torch.zeros(B, H, K, V, dtype=torch.float64)
-    o_ref, size = torch.empty(B, T, H, V, dtype=torch.float64), torch.empty(B, T, H, V, dtype=torch.float64)
-    for t in range(T):
-        decay, bt, kt = g[:, t].exp()[..., None, None], beta[:, t, :, None, None], k[:, t, :, :, None]
-        Hs = decay * Hs + bt * kt * kt.transpose(-1, -2)
-        Gs = decay * Gs + bt * kt * v[:, t, :, None, :]
-        x = torch.linalg.solve(Hs + torch.diag_embed(lamb), q[:, t, :, :, None])
-        o_ref[:, t] = (Gs * x).sum(-2)
-        size[:, t] = Gs.norm(dim=-2) * x.norm(dim=(-2, -1))[..., None]
-    d = o.double().cpu() - o_ref
-    by_token = (d.norm(dim=-1) / size.norm(dim=-1)).max().item()
-    by_channel = (d.norm(dim=(0, 1)) / size.norm(dim=(0, 1))).max().item()
-    return by_token, by_channel
+    return worst_token_and_channel(o, *exact_solve(q, k, v, g, beta, lamb)[1:])

@@ -14,7 +14,9 @@ import textwrap
 
 def run_in_interpreter(script):
     """Runs `script` in a fresh process with Triton's interpreter on; it prints OK last when every check held."""
-    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0')
+    # the scripts import this folder's helpers (mesa_inputs)
+    path = os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, TRITON_INTERPRET='1', FLA_CACHE_RESULTS='0', PYTHONPATH=path)
     res = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stdout + res.stderr
 
@@ -105,6 +107,7 @@ FP16_SCRIPT = textwrap.dedent('''
     import math, torch
     import fla_mesa.ops.cg as cg
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_states, pad_to_chunks
+    from mesa_inputs import exact_solve, worst_token_and_channel
     import triton.language as tl
     # the GPU's float16 products and floor (the interpreter would multiply full float32 operands)
     cg.products_dtype, cg.full_products = (lambda dtype: tl.float16), (lambda: False)
@@ -115,19 +118,10 @@ FP16_SCRIPT = textwrap.dedent('''
 
     def check(q, k, v, g, beta, lamb, h0, C=64):
         """x and o of the kernel against the float64 solve and output: norm-wise, and on the worst token and the
-        worst value channel, o's error there measured against the size of the product o_t = G_t x_t,
-        ||G_t|| ||x_t|| (its columns' for a channel), as the dtype bounds it"""
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        Hs, Gs, xs, os_, gs = h0[0].double(), torch.zeros(H, K, V, dtype=torch.float64), [], [], []
-        for t in range(T):
-            kt, gt, bt = k[0, t].double(), g[0, t].double().exp(), beta[0, t].double()
-            Hs = gt[:, None, None] * Hs + bt[:, None, None] * kt[:, :, None] * kt[:, None, :]
-            Gs = gt[:, None, None] * Gs + bt[:, None, None] * kt[:, :, None] * v[0, t].double()[:, None, :]
-            xs.append(torch.linalg.solve(Hs + torch.diag_embed(lamb.double()), q[0, t].double()[..., None])[..., 0])
-            os_.append(torch.einsum('hkv,hk->hv', Gs, xs[-1]))
-            gs.append(Gs.norm(dim=1) * xs[-1].norm(dim=-1, keepdim=True))  # [H, V]: ||G_t[:, j]|| ||x_t||
-        x_ref, o_ref, size = torch.stack(xs)[None], torch.stack(os_)[None], torch.stack(gs)[None]
+        worst value channel, o's error there measured against `exact_solve`'s size of the product o_t = G_t x_t,
+        as the dtype bounds it"""
+        T = q.shape[1]
+        x_ref, o_ref, size = exact_solve(q, k, v, g, beta, lamb, h0)
         gcp = chunk_cumsum(pad_to_chunks(g, C), C)
         kp, bp, vp = (pad_to_chunks(t, C) for t in (k, beta, v))
         h, _ = chunk_states(kp.double(), (bp[..., None] * kp).double(), gcp.double(), h0.double(), C)
@@ -135,10 +129,7 @@ FP16_SCRIPT = textwrap.dedent('''
         gc2 = (gcp[:, :T] / math.log(2)).contiguous()
         x, iters, o = cg.chunk_cg_solve(q, k, beta, gc2, h.float().contiguous(), lamb, 30, None, 'jacobi', True,
                                         chunk_size=C, v=v, h_kv=hv.float().contiguous())
-        d = o.double() - o_ref
-        o_rows = (d.norm(dim=-1) / size.norm(dim=-1)).max().item()
-        o_cols = (d.norm(dim=(0, 1)) / size.norm(dim=(0, 1))).max().item()
-        errs = rel(x, x_ref), rel(x, x_ref, -1), rel(o, o_ref), o_rows, o_cols
+        errs = rel(x, x_ref), rel(x, x_ref, -1), rel(o, o_ref), *worst_token_and_channel(o, o_ref, size)
         print('x', errs[:2], 'o', errs[2:], 'iterations', iters.float().mean().item(), flush=True)
         # 11-bit operands (unit roundoff 2^-11), a few units of it norm-wise and a few more on the worst token or
         # channel
