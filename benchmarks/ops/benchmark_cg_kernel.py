@@ -13,7 +13,6 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +55,8 @@ def launch(mod, args, steps, BR=None, num_warps=None):
     out_args, out_opts = ((None,) * 3, dict(V=1, BV=16, OUTPUT=False)) if fused else ((), {})
     if 'PRECOND' in mod.chunk_cg_kernel.arg_names:  # kernels since preconditioned CG: plain CG, SOLVE on
         out_opts.update(SOLVE=steps > 0, PRECOND=False)
-    if 'PDT' in mod.chunk_cg_kernel.arg_names:  # kernels since float16 products
-        out_opts.update(PDT=tl.float16)
+    if 'PDT' in mod.chunk_cg_kernel.arg_names:  # kernels since float16 products: chunk_mesa's for these inputs
+        out_opts.update(PDT=mod.products_dtype(q.dtype))
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         q, k, beta, gc, h_kk, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64,
         BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,
