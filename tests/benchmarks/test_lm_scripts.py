@@ -1,6 +1,7 @@
-"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the tf32
-emulation of benchmarks/ops/tf32_emulation.py, of the preconditioning study benchmarks/ops/cg_preconditioning.py and of
-the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG and GLA-gradient benchmarks' kernel launches."""
+"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the
+emulations benchmarks/ops/tf32_emulation.py and half_states_emulation.py, of the preconditioning study
+benchmarks/ops/cg_preconditioning.py and of the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG and
+GLA-gradient benchmarks' kernel launches."""
 
 import json
 import math
@@ -62,6 +63,29 @@ def test_tf32_emulation_rounds_and_restores():
     for (_, label, _), errs in rows.items():
         worst = max(errs.values())
         assert worst < 1e-5 if label == 'float32' else 2 ** -14 < worst < 16 * 2 ** -11, (label, errs)
+
+
+def test_half_states_emulation_scales_per_column_and_separates_bf16():
+    import torch
+    emu = load(os.path.join(ROOT, 'benchmarks', 'ops', 'half_states_emulation.py'), 'ops_half_states_emulation')
+    # one power of two per column: a column 1e-8 times another keeps float16's 2^-11 relative rounding; bf16 2^-8
+    t = torch.randn(2, 64, 8, generator=torch.Generator().manual_seed(0)) * torch.logspace(-8, 0, 8)
+    for mode, dim, bound in (('fp16', -2, 2 ** -11), ('bf16', -2, 2 ** -8), ('fp16', -1, 1.0)):
+        col_err = ((emu.to_half(t, mode, dim) - t).abs() / t.abs().amax(-2, keepdim=True)).amax((0, 1))
+        assert (col_err <= bound).all() if bound < 1 else col_err[0] > 2 ** -11, (mode, dim, col_err)
+    assert emu.pow2_floor(torch.tensor([0., 3., 0.75])).tolist() == [1., 2., 0.5]
+    states, fwd, einsum = emu.chunk_module.chunk_states, emu.chunk_module._torch_fwd, torch.einsum
+    rows = emu.main(['--T', '70', '--dims', '32'])
+    assert (emu.chunk_module.chunk_states, emu.chunk_module._torch_fwd, torch.einsum) == (states, fwd, einsum)
+    # the study's finding at a small size: float16 states or x with scales stay within 1.5x of float32's worst error
+    # (1.2x here), bf16 ones more than double it (3.4-4.8x here)
+    base = max(rows[32, None, None].values())
+    assert 2 ** -14 < base < 4 * 2 ** -11
+    for (_, states_mode, x_mode), errs in rows.items():
+        if 'bf16' in (states_mode, x_mode):
+            assert max(errs.values()) > 2 * base, (states_mode, x_mode, errs)
+        else:
+            assert max(errs.values()) < 1.5 * base, (states_mode, x_mode, errs)
 
 
 def test_cg_preconditioning_study_solves_and_counts():
