@@ -64,15 +64,16 @@ def shapes(draw, max_T=70):
     )
 
 
-def exact_solve(q, k, v, g, beta, lamb, h0=None):
+def exact_solve(q, k, v, g, beta, lamb, h0=None, g0=None):
     """Float64, token by token: x_t = (H_t + diag(lamb))^{-1} q_t `[B, T, H, K]`, o_t = G_t x_t `[B, T, H, V]`, and
     the size of that product, ||G_t[:, j]|| ||x_t|| `[B, T, H, V]`: what the dtype's rounding bounds o's error by,
-    even where o_t itself is small by cancellation. H starts at `h0` (or zero), G at zero."""
+    even where o_t itself is small by cancellation. H starts at `h0` `[B, H, K, K]` (or zero), G^T at `g0`
+    `[B, H, K, V]` (or zero)."""
     q, k, v, g, beta, lamb = (t.double() for t in (q, k, v, g, beta, lamb))
     B, T, H, K = q.shape
     V = v.shape[-1]
     Hs = torch.zeros(B, H, K, K, dtype=torch.float64) if h0 is None else h0.double()
-    Gs = torch.zeros(B, H, K, V, dtype=torch.float64)
+    Gs = torch.zeros(B, H, K, V, dtype=torch.float64) if g0 is None else g0.double()
     x, o, size = torch.empty_like(q), q.new_empty(B, T, H, V), q.new_empty(B, T, H, V)
     for t in range(T):
         decay, bt, kt = g[:, t].exp()[..., None, None], beta[:, t, :, None, None], k[:, t, :, :, None]

@@ -3,19 +3,13 @@ chunk of 200), with float16 products, tf32 products, and tf32 at float32's eps f
 Run from the repository root on a GPU (benchmarks/ops/fp16_products/README.md)."""
 import math, sys, torch
 sys.path.insert(0, 'tests/ops')
-from mesa_inputs import make_inputs
+from mesa_inputs import exact_solve, make_inputs
 import triton.language as tl
 import fla_mesa.ops.cg as cg
 DEV = 'cuda' if torch.cuda.is_available() else 'cpu'
 for T in (1, 64, 200):
     q, k, v, g, beta, lamb, state = make_inputs(1, T, 2, 64, 64, gate='mid', lamb_range=(0.5, 2.0), initial_state=True, dtype=torch.float32, seed=1)
-    Hs = state[0][0].double().clone(); xs = []; Gs = state[1][0].double().clone(); os_ = []
-    for t in range(T):
-        Hs = Hs * torch.exp(g[0, t].double())[:, None, None] + beta[0, t].double()[:, None, None] * torch.einsum('hi,hj->hij', k[0, t].double(), k[0, t].double())
-        xs.append(torch.linalg.solve(Hs + torch.diag_embed(lamb.double()), q[0, t].double()[..., None])[..., 0])
-        Gs = Gs * torch.exp(g[0, t].double())[:, None, None] + beta[0, t].double()[:, None, None] * torch.einsum('hi,hj->hij', k[0, t].double(), v[0, t].double())
-        os_.append(torch.einsum('hkv,hk->hv', Gs, xs[-1]))
-    xe = torch.stack(xs)[None]; oe = torch.stack(os_)[None]
+    xe, oe, _ = exact_solve(q, k, v, g, beta, lamb, *state)
     if T > 64:
         q, k, v, beta, g, xe, oe = q[:, :64], k[:, :64], v[:, :64], beta[:, :64], g[:, :64], xe[:, :64], oe[:, :64]
     gc = (torch.cumsum(g, 1) / math.log(2)).contiguous().to(DEV)
