@@ -92,6 +92,7 @@ def inputs(B, T, H, D, seed=1):
     return [t.double() for t in (q, k, v, g, beta, lamb)] + [tuple(s.double() for s in state)]
 
 
+X_LABELS = {None: 'float32', 'bf16': 'bf16', 'fp16': 'fp16 scaled'}
 VARIANTS = [('float32 (as now)', None, None), ('bf16', 'bf16', None), ('fp16 scaled', 'fp16', None),
             ('float32', None, 'bf16'), ('float32', None, 'fp16'), ('bf16', 'bf16', 'bf16'),
             ('fp16 scaled', 'fp16', 'fp16')]
@@ -130,16 +131,15 @@ def main(argv=None):
                 ROUND['states'], ROUND['x'] = rs, rx
                 o, _, grads = grads_of(chunk_mesa, *f32, tuple(s.float() for s in st), cot, cg_steps=30)
                 errs = rows[D, rs, rx] = {'o': rel(o, o_ref), **grad_errors(grads, g_ref)}
-                xl = {None: 'float32', 'bf16': 'bf16', 'fp16': 'fp16 scaled'}[rx]
-                print(f"| {label} | {xl} | " + ' | '.join(f'{e:.2e}' for e in errs.values()) + " |", flush=True)
+                print(f"| {label} | {X_LABELS[rx]} | " + ' | '.join(f'{e:.2e}' for e in errs.values()) + " |",
+                      flush=True)
             print("\nWith each exact tensor's bf16 rounding added in quadrature (what bf16 outputs carry anyway):")
             print("| states | saved x | " + ' | '.join(floor) + " |")
             print("|---|---|" + "---|" * len(floor))
             print("| (bf16 rounding alone) | | " + ' | '.join(f'{e:.2e}' for e in floor.values()) + " |")
             for label, rs, rx in VARIANTS:
                 errs = rows[D, rs, rx]
-                xl = {None: 'float32', 'bf16': 'bf16', 'fp16': 'fp16 scaled'}[rx]
-                print(f"| {label} | {xl} | "
+                print(f"| {label} | {X_LABELS[rx]} | "
                       + ' | '.join(f'{(errs[n] ** 2 + floor[n] ** 2) ** 0.5:.2e}' for n in floor) + " |")
     finally:
         torch.einsum, emu.MODE['now'] = emu._einsum, None

@@ -37,8 +37,8 @@ def cg_threshold(cg_tol: float | None, floor: float) -> float:
 
     Without a tolerance a token still stops at `floor`, set by the precision of the solver's products: the
     compute dtype's machine epsilon, below which the recursively updated residual underflows and CG diverges,
-    or `cg.TF32_FLOOR` for the Triton kernel's tf32 or float16 products, below which more iterations no longer improve x
-    measurably.
+    or `cg.TF32_FLOOR` for the Triton kernel's tf32 or float16 products, below which more iterations no longer
+    improve x measurably.
     """
     return max(cg_tol or 0., floor) ** 2
 
