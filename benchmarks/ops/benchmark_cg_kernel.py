@@ -57,9 +57,17 @@ def launch(mod, args, steps, BR=None, num_warps=None):
         out_opts.update(SOLVE=steps > 0, PRECOND=False)
     if 'PDT' in mod.chunk_cg_kernel.arg_names:  # kernels since float16 products: chunk_mesa's for these inputs
         out_opts.update(PDT=mod.products_dtype(q.dtype))
+    states = (h_kk,)
+    if 'SCALED_STATES' in mod.chunk_cg_kernel.arg_names:  # kernels since float16 states: chunk_mesa's for the inputs
+        from fla_mesa.ops.chunk import scaled_states
+        from fla_mesa.ops.scaled_states import ScaledStates
+        scaled = scaled_states(q)  # q's dtype and head dim are k's
+        states = tuple(ScaledStates.of(h_kk)) if scaled else (h_kk, None)
+        out_args = out_args[:2] + (None,) + out_args[2:]
+        out_opts.update(SCALED_STATES=scaled)
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
-        q, k, beta, gc, h_kk, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K, BT=64,
-        BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,
+        q, k, beta, gc, *states, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K,
+        BT=64, BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,
         num_warps=num_warps, num_stages=1)
     return iters
 

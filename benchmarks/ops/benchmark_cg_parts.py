@@ -13,6 +13,8 @@ import triton
 from triton.testing import do_bench
 
 from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel, products_dtype
+from fla_mesa.ops.chunk import scaled_states
+from fla_mesa.ops.scaled_states import state_parts
 from fla_mesa.ops.states import chunk_states_fwd
 
 B, T, H = 8, 2048, 16
@@ -30,8 +32,9 @@ def inputs(D):
     beta = torch.sigmoid(torch.randn(B, T, H, device='cuda', generator=gen))
     lamb = torch.full((H, D), 0.01, device='cuda')
     gc = chunk_local_cumsum(g, chunk_size=64, scale=RCP_LN2)
-    h_kk, _ = chunk_states_fwd(k, k, beta, gc)
-    h_kv, _ = chunk_states_fwd(k, v, beta, gc)
+    # stored as chunk_mesa stores them for these inputs (float16 with column scales at D <= 64)
+    h_kk, _ = chunk_states_fwd(k, k, beta, gc, scaled=scaled_states(k))
+    h_kv, _ = chunk_states_fwd(k, v, beta, gc, scaled=scaled_states(k))
     x, o = torch.empty(B, T, H, D, dtype=torch.float32, device='cuda'), torch.empty_like(v)
     return dict(q=q, k=k, v=v, beta=beta, gc=gc, lamb=lamb, h_kk=h_kk, h_kv=h_kv, x=x, o=o)
 
@@ -40,11 +43,13 @@ def launch(d, steps, jacobi, output, BR, warps, BV=64):
     """`steps` plain CG iterations (tolerance 0, so no token stops), with the Jacobi start and the output pass
     on or off, at BR rows per program and `warps` warps."""
     D = d['q'].shape[-1]
+    (h_kk, hsc), (h_kv, hvsc) = state_parts(d['h_kk']), state_parts(d['h_kv'])
     chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
-        d['q'], d['k'], d['beta'], d['gc'], d['h_kk'], d['lamb'], d['x'], None,
-        *((d['v'], d['h_kv'], d['o']) if output else (None,) * 3), None, None, tol_sq=0., steps=steps, T=T, H=H,
-        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, PDT=products_dtype(d['k'].dtype), SOLVE=steps > 0, JACOBI=jacobi,
-        PRECOND=False, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, num_warps=warps, num_stages=1)
+        d['q'], d['k'], d['beta'], d['gc'], h_kk, hsc, d['lamb'], d['x'], None,
+        *((d['v'], h_kv, hvsc, d['o']) if output else (None,) * 4), None, None, tol_sq=0., steps=steps, T=T, H=H,
+        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, PDT=products_dtype(d['k'].dtype), SCALED_STATES=hsc is not None,
+        SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False,
+        num_warps=warps, num_stages=1)
 
 
 def main():

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/ops/benchmark_gla_bwd.py [--B 8 --T 2048 --H 16 --dims 128 64]
 Each kernel runs as the backward calls it: S's side (value v, output gradient do, both bf16) and H's side (value k in
-bf16, output gradient u in float32, added onto S's buffers). Prints ms per call (`triton.testing.do_bench` median)
+bf16, output gradient u in float32, added onto S's buffers), on chunk states stored as `chunk_mesa` stores them for
+bf16 inputs (float16 with column scales at D <= 64). Prints ms per call (`triton.testing.do_bench` median)
 for each configuration and the sum over the two sides, marking `launch_configs`' choice.
 """
 
@@ -18,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_mesa import shape_parser  # noqa: E402
 
 from fla_mesa.ops import gla_backward  # noqa: E402
+from fla_mesa.ops.chunk import scaled_states  # noqa: E402
+from fla_mesa.ops.scaled_states import ScaledStates, state_parts  # noqa: E402
 
 
 def inputs(B, T, H, D, chunk_size=64):
@@ -31,6 +34,8 @@ def inputs(B, T, H, D, chunk_size=64):
              beta=torch.rand(B, T, H, generator=gen, device='cuda'), do=randn(B, T, H, D).bfloat16(),
              u=randn(B, T, H, D), h=randn(B, NT, H, D, D), dh=randn(B, NT, H, D, D))
     d['gc'] = -0.01 * torch.rand(B, T, H, generator=gen, device='cuda').cumsum(1)
+    if scaled_states(d['k']):  # the states as chunk_mesa stores them for these inputs
+        d['h'] = ScaledStates.of(d['h'])
     return d
 
 
@@ -44,8 +49,10 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
     if kernel == 'dqkg':
         dq, dk = torch.empty_like(d['x']), torch.zeros_like(d['x'])
         dg = torch.zeros(triton.cdiv(K, BK), n_rows, device=dq.device)
+        h_, hsc = state_parts(d['h'])
         gla_backward.gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            d['x'], d['k'], src, d['beta'], do, d['h'], d['dh'], d['gc'], dq, dk, dg, STORE_DQ=not h, **common)
+            d['x'], d['k'], src, d['beta'], do, h_, hsc, d['dh'], d['gc'], dq, dk, dg, STORE_DQ=not h,
+            SCALED_STATES=hsc is not None, **common)
     else:
         dw, dbeta = torch.zeros_like(src), torch.zeros(triton.cdiv(src.shape[-1], BV), n_rows, device=src.device)
         gla_backward.gla_bwd_dw_kernel[(triton.cdiv(src.shape[-1], BV), NT, B * H)](

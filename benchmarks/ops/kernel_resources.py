@@ -75,15 +75,18 @@ def count_first_loop(sass: list[str]) -> collections.Counter | None:
 
 def cg_kernel(K: int, output: bool, precond: bool = False):
     cfg = cg_launch_config(K)
-    sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', h='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
-               tol_sq='fp32', steps='i32', T='i32')
+    scaled = K <= 64  # chunk_mesa's states for bf16 inputs: float16 with column scales at K <= 64
+    state = dict(h='*fp16', hsc='*fp32') if scaled else dict(h='*fp32')
+    sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
+               tol_sq='fp32', steps='i32', T='i32', **state)
     const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
-                 PDT=tl.float16, SOLVE=True, JACOBI=True, PRECOND=precond, STORE_ITERS=False, OUTPUT=output,
-                 IS_VARLEN=False)
+                 PDT=tl.float16, SCALED_STATES=scaled, SOLVE=True, JACOBI=True, PRECOND=precond, STORE_ITERS=False,
+                 OUTPUT=output, IS_VARLEN=False, **({} if scaled else dict(hsc=None)))
     if output:
-        sig.update(v='*bf16', h_kv='*fp32', o='*bf16')
+        sig.update(v='*bf16', h_kv=state['h'], o='*bf16', **(dict(hvsc='*fp32') if scaled else {}))
+        const.update({} if scaled else dict(hvsc=None))
     else:
-        const.update(v=None, h_kv=None, o=None)
+        const.update(v=None, h_kv=None, hvsc=None, o=None)
     name = (f"chunk_cg_kernel K={K} rows={cfg['BR']} warps={cfg['num_warps']}{' + output' if output else ''}"
             f"{' + Jacobi preconditioner' if precond else ''}")
     return name, compile_kernel(chunk_cg_kernel, sig, const, cfg['num_warps'], 1)
@@ -91,9 +94,12 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
 
 def states_kernel(K: int):
     cfg = states_launch_config(K, K)
-    sig = dict(k='*bf16', v='*bf16', beta='*fp32', gc='*fp32', h='*fp32', T='i32')
+    scaled = K <= 64  # as chunk_mesa stores them for bf16 inputs
+    sig = dict(k='*bf16', v='*bf16', beta='*fp32', gc='*fp32', T='i32',
+               **(dict(h='*fp16', hsc='*fp32') if scaled else dict(h='*fp32')))
     const = dict(h0=None, ht=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64, BK=cfg['BK'],
-                 BV=cfg['BV'], USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, IS_VARLEN=False)
+                 BV=cfg['BV'], USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=scaled, IS_VARLEN=False,
+                 **({} if scaled else dict(hsc=None)))
     return (f"chunk_states_kernel K=V={K}",
             compile_kernel(chunk_states_kernel, sig, const, cfg['num_warps'], cfg['num_stages']))
 

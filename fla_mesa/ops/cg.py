@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fla_mesa.ops.chunk_index import chunk_position
+from fla_mesa.ops.scaled_states import state_parts
 from fla_mesa.ops.torch_chunk import chunk_diag, chunk_output, decay_matrix, pad_to_chunks
 from fla_mesa.ops.utils import cg_init_guess, cg_threshold
 
@@ -111,11 +112,13 @@ def chunk_cg_kernel(
     beta,
     gc,
     h,
+    hsc,
     lamb,
     x,
     iters,
     v,
     h_kv,
+    hvsc,
     o,
     cu_seqlens,
     chunk_indices,
@@ -130,6 +133,7 @@ def chunk_cg_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PDT: tl.constexpr,
+    SCALED_STATES: tl.constexpr,
     SOLVE: tl.constexpr,
     JACOBI: tl.constexpr,
     PRECOND: tl.constexpr,
@@ -174,11 +178,20 @@ def chunk_cg_kernel(
         b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
         p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
         m_kk = m_k[:, None] & m_k[None, :]
-        # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve
-        b_hm, b_hsc = _scaled(tl.load(p_h, mask=m_kk, other=0.), PDT)
+        # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve.
+        # Stored as float16 values with a power of two per column (SCALED_STATES), it is rescaled here to one power
+        # of two for the whole tile, exactly (a power of two <= 1 times each column), so that the loop's products
+        # take one scale, as with float32 states
+        b_hm = tl.load(p_h, mask=m_kk, other=0.).to(tl.float32)
+        if SCALED_STATES:
+            b_hcol = tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=1.)
+            b_hm *= b_hcol[None, :]
+        b_hm, b_hsc = _scaled(b_hm, PDT)
         b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start and the preconditioner
         if JACOBI or PRECOND:
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
+            if SCALED_STATES:
+                b_hdiag = b_hdiag.to(tl.float32) * b_hcol
             b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
         if JACOBI:
             b_x = b_b / b_diag
@@ -226,8 +239,12 @@ def chunk_cg_kernel(
             m_v = o_v < V
             b_v, b_vsc = _scaled_cols(tl.load(v + row_s[:, None] * V + o_v[None, :],
                                               mask=m_s[:, None] & m_v[None, :], other=0.).to(tl.float32), PDT)
-            b_hv, b_hvsc = _scaled_cols(tl.load(p_hv + o_k[:, None] * V + o_v[None, :],
-                                                mask=m_k[:, None] & m_v[None, :], other=0.), PDT)
+            p_hvv = p_hv + o_k[:, None] * V + o_v[None, :]
+            if SCALED_STATES:
+                b_hv = tl.load(p_hvv, mask=m_k[:, None] & m_v[None, :], other=0.).to(PDT)
+                b_hvsc = tl.load(hvsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=1.)
+            else:
+                b_hv, b_hvsc = _scaled_cols(tl.load(p_hvv, mask=m_k[:, None] & m_v[None, :], other=0.), PDT)
             b_o = ((b_xsc * b_eg)[:, None] * b_hvsc[None, :] * tl.dot(b_xq, b_hv)
                    + b_sxsc[:, None] * b_vsc[None, :] * tl.dot(b_sx, b_v))
             tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -259,6 +276,8 @@ def chunk_cg_solve(
         gc: chunk-local cumulative log2 gate `[B, T, H]` (float32, from `chunk_local_cumsum(..., scale=RCP_LN2)`).
         h_kk: chunk-start states `[B, NT, H, K, K]`, float32. lamb: `[H, K]`. `cg_steps=0` gives x = b.
         v: values `[B, T, H, V]`; h_kv: chunk-start states `[B, NT, H, K, V]` float32 of sum beta k v^T (K <= 128).
+        Both states may come as `ScaledStates` instead (float16 values, a float32 scale per column; both
+        or neither).
         cg_precond: `'jacobi'` preconditions CG with diag(H_t + diag(lamb)); `'none'`: plain CG.
     Returns:
         x `[B, T, H, K]` float32, the iterations each token ran (int32 `[B, T, H]`) if `return_iters`, and
@@ -273,6 +292,10 @@ def chunk_cg_solve(
             return b.float(), iters, None
         return _solve_wide_heads(b, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens,
                                  chunk_size, cg_precond) + (None,)
+    (h_kk, hsc), (h_kv, hvsc) = state_parts(h_kk), state_parts(h_kv)
+    if (h_kk is not None and v is not None) and ((hsc is None) != (hvsc is None)):
+        raise ValueError("chunk_cg_solve: `h_kk` and `h_kv` must both be ScaledStates or both tensors")
+    scaled = (hsc if v is None else hvsc) is not None
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
@@ -280,7 +303,7 @@ def chunk_cg_solve(
     o = None if v is None else torch.empty_like(v)
     cfg = cg_launch_config(K, chunk_size)
     chunk_cg_kernel[(NT * (chunk_size // cfg['BR']), B * H)](
-        b, k, beta, gc, h_kk, lamb.float().contiguous(), x, iters, v, h_kv, o, cu_seqlens, chunk_indices,
+        b, k, beta, gc, h_kk, hsc, lamb.float().contiguous(), x, iters, v, h_kv, hvsc, o, cu_seqlens, chunk_indices,
         tol_sq=cg_threshold(cg_tol, kernel_floor()),
         steps=cg_steps,
         T=T,
@@ -290,6 +313,7 @@ def chunk_cg_solve(
         BT=chunk_size,
         BV=min(64, max(16, triton.next_power_of_2(V))),
         PDT=products_dtype(k.dtype),
+        SCALED_STATES=scaled,
         SOLVE=cg_steps > 0,
         JACOBI=cg_init == 'jacobi',
         PRECOND=cg_precond == 'jacobi',

@@ -16,6 +16,7 @@ state kernel (the solve's own, for H's side). The per-chunk gradients come from 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from fla_mesa.ops import cg
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
@@ -93,9 +94,9 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     # float32 states and products (tf32, unit roundoff 2^-11) rather than rounding beta * k, beta * v, the states
     # and x to a half dtype (2^-9 for bf16) at every product: each such rounding adds about the output's own
-    # rounding error
+    # rounding error. Half-precision inputs at K <= 64 get float16 states with a scale per column (`scaled_states`)
     states = dict(output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, scaled=scaled_states(k))
     h_kk = ht_kk = None
     if cg_steps > 0 or output_final_state:  # gated linear attention (no CG) needs H only for its final state
         h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
@@ -109,6 +110,13 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
         o = chunk_fwd_o(q=x, k=k.float(), v=v.float() * beta[..., None].float(), h=h_kv, g=gc, scale=1.0,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
     return o, ht_kk, ht_kv, x, iters
+
+
+def scaled_states(k):
+    """Whether the CUDA path stores its chunk states as `ScaledStates` (float16, a power of two per column): for
+    bf16 and float16 inputs at K <= 64, where the passes around CG decide the speed, with the CG kernel's float16
+    products (`cg.products_dtype`); float32 inputs, and every input under `cg.full_products()`, keep float32 states."""
+    return k.dtype in (torch.bfloat16, torch.float16) and k.shape[-1] <= 64 and not cg.full_products()
 
 
 def _gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
@@ -139,8 +147,10 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     through_h = cg_steps > 0 or dht_kk is not None
     varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
-    # the forward's float32 chunk states again (from float32 beta * v and beta * k, as the forward used them)
-    h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **varlen)
+    # the forward's chunk states again (from float32 beta * v and beta * k, as the forward formed them), stored as the
+    # forward stored them, except for fla's primitives (fp32_backward=False), which read float32 states only
+    states = dict(varlen, scaled=fp32_backward and scaled_states(k))
+    h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     if fp32_backward:
         dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size)
         dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
@@ -149,7 +159,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
         dx, dk_s, dvb, dg, dh0_kv = _gla_bwd(xq, k, vb, h_kv, h0_kv, do, dht_kv, gc, **varlen)
         del vb, h_kv
-    h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **varlen)[0] if through_h else None
+    h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)[0] if through_h else None
     # H's side (the solve's states serve it too) has "output gradient" -u; without CG steps it runs only for a
     # final-state gradient, with u = 0. fp32_backward's pass takes u itself: the pass of +u and -dht, negated
     dy_dtype = None if fp32_backward else k.dtype

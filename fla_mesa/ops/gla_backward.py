@@ -22,13 +22,14 @@ import triton
 import triton.language as tl
 
 from fla_mesa.ops.chunk_index import chunk_position
+from fla_mesa.ops.scaled_states import state_parts
 
 
 @triton.jit(do_not_specialize=['T'])
-def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
+def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, STORE_DQ: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr,
-                        IS_VARLEN: tl.constexpr):
+                        SCALED_STATES: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program: BK key columns of one chunk of one head; dq, dk [rows, BK] and this block's share of dG
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -58,6 +59,8 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, dh, gc, dq, dk, dg, cu_seqlens
         p_kv = p_state + o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(h + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        if SCALED_STATES:  # float16 values times a power of two per column (`ScaledStates`)
+            b_h *= tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)[None, :]
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.).to(tl.float32)
         b_hdh += tl.sum(b_h * b_dh, 1)
         b_ds += tl.dot(b_do, tl.trans(b_w))
@@ -172,8 +175,9 @@ def chunk_gla_bwd(
     Args:
         q: `[B, T, H, K]` (x, float32). k: `[B, T, H, K]`. v: the value's source `[B, T, H, V]`. beta: `[B, T, H]`.
         do: the output gradient `[B, T, H, V]`. Any float dtypes.
-        h: chunk-start states `[B, NT, H, K, V]` float32; dh: the gradients of the chunk-end states, same shape
-            (fla's `chunk_bwd_dh`). gc: the chunk-local cumulative log2 gate `[B, T, H]` float32.
+        h: chunk-start states `[B, NT, H, K, V]` float32, or `ScaledStates`; dh: the gradients of the
+            chunk-end states `[B, NT, H, K, V]` float32 (fla's `chunk_bwd_dh`). gc: the chunk-local cumulative
+            log2 gate `[B, T, H]` float32.
         acc: None, or `(dv, dk, dg, dbeta)` of an earlier call: this pass's gradients are added to them in place, v's
             gradient to `dv` (pass the earlier `dk` as `dv` when v is k).
         negate: return the gradients of -do (the caller passes dh of -do as well).
@@ -186,6 +190,7 @@ def chunk_gla_bwd(
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
+    h, hsc = state_parts(h)
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     n_rows = B * T * H
     dqkg, dw = launch_configs(K, V)
@@ -200,9 +205,9 @@ def chunk_gla_bwd(
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V,
                   BT=chunk_size, NEGATE=negate, IS_VARLEN=cu_seqlens is not None)
-    gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, dh, gc, dq, dk, dg,
+    gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, hsc, dh, gc, dq, dk, dg,
                                                                   STORE_DQ=with_dq, ACCUMULATE=acc is not None,
-                                                                  **common, **dqkg)
+                                                                  SCALED_STATES=hsc is not None, **common, **dqkg)
     gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
                                                              ACCUMULATE=acc is not None, **common, **dw)
     return dq, dv, dk, dg, dbeta

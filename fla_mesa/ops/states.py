@@ -3,12 +3,17 @@
 fla's `chunk_fwd_h` multiplies its operands in their own dtype, so a float32 state of beta * k * k^T needs float32
 copies of k and beta * k in memory (6 bytes a value more than bf16 k, and two passes over them); this kernel reads
 k, v and beta in their own dtype and forms beta_s * exp2(g_last - g_s) * v_s in float32 in registers (tf32
-products, as fla's float32 path).
+products, as fla's float32 path). With `scaled=True` it stores each state in float16, one power of two per column
+(value channel) in a float32 side tensor: half the bytes for every kernel that reads them, for errors within the
+products' own rounding (benchmarks/ops/half_states_emulation.py); the recurrence itself stays float32 in registers.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from fla_mesa.ops.cg import _pow2
+from fla_mesa.ops.scaled_states import ScaledStates
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -19,6 +24,7 @@ def chunk_states_kernel(
     gc,
     h0,
     h,
+    hsc,
     ht,
     cu_seqlens,
     chunk_offsets,
@@ -31,6 +37,7 @@ def chunk_states_kernel(
     BV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    SCALED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -54,7 +61,12 @@ def chunk_states_kernel(
         b_h = tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     for i_t in range(NT):
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
+        if SCALED:  # BK == K: the column's largest entry over all K sets its scale
+            b_sc = _pow2(tl.max(tl.abs(b_h), 0))
+            tl.store(hsc + ((boh + i_t) * H + i_h) * V + o_v, b_sc, mask=m_v)
+            tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, (b_h * (1. / b_sc)[None, :]).to(tl.float16), mask=m_kv)
+        else:
+            tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         row = (bos + o_t) * H + i_h
@@ -80,17 +92,20 @@ def chunk_states_fwd(
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Triton: the state before each chunk of S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T, in float32.
+    scaled: bool = False,
+) -> tuple[torch.Tensor | ScaledStates, torch.Tensor | None]:
+    r"""Triton: the state before each chunk of S_t = exp(g_t) S_{t-1} + beta_t k_t v_t^T, in float32, or in float16
+    with a power of two per column (`scaled`, K <= 64).
 
     Args:
         k: `[B, T, H, K]`. v: `[B, T, H, V]` (pass `k` again for H_t's states). Any float dtype.
         beta: `[B, T, H]`. gc: chunk-local cumulative log2 gate `[B, T, H]` (`chunk_local_cumsum(..., scale=RCP_LN2)`).
         h0: initial states `[N, H, K, V]` or None. cu_seqlens: `[N + 1]` offsets of packed sequences (B = 1), with
         their `prepare_chunk_indices(cu_seqlens, chunk_size)` if the caller has them.
+        scaled: store the chunk-start states as `ScaledStates` (K <= 64, so that one program holds a whole column).
     Returns:
-        chunk-start states `[B, NT, H, K, V]` float32 (NT: chunks over all sequences when varlen), and the final
-        states `[N, H, K, V]` float32 if `output_final_state`, else None.
+        chunk-start states `[B, NT, H, K, V]` float32, or `ScaledStates` if `scaled` (NT: chunks over all sequences
+        when varlen), and the final states `[N, H, K, V]` float32 if `output_final_state`, else None.
     """
     from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
     B, T, H, K = k.shape
@@ -101,11 +116,14 @@ def chunk_states_fwd(
         if chunk_indices is None:
             chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
         N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
-    h = k.new_empty(B, NT, H, K, V, dtype=torch.float32)
+    if scaled and K > 64:
+        raise ValueError(f"chunk_states_fwd: scaled states need K <= 64, got K={K}")
+    h = k.new_empty(B, NT, H, K, V, dtype=torch.float16 if scaled else torch.float32)
+    hsc = k.new_empty(B, NT, H, V, dtype=torch.float32) if scaled else None
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     cfg = states_launch_config(K, V)
     chunk_states_kernel[(triton.cdiv(K, cfg['BK']), triton.cdiv(V, cfg['BV']), N * H)](
-        k, v, beta, gc, h0, h, ht, cu_seqlens, chunk_offsets,
+        k, v, beta, gc, h0, h, hsc, ht, cu_seqlens, chunk_offsets,
         T=T,
         H=H,
         K=K,
@@ -113,10 +131,11 @@ def chunk_states_fwd(
         BT=chunk_size,
         USE_INITIAL_STATE=h0 is not None,
         STORE_FINAL_STATE=output_final_state,
+        SCALED=scaled,
         IS_VARLEN=cu_seqlens is not None,
         **cfg,
     )
-    return h, ht
+    return (ScaledStates(h, hsc) if scaled else h), ht
 
 
 def states_launch_config(K: int, V: int) -> dict:

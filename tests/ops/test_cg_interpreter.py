@@ -70,6 +70,16 @@ SCRIPT = textwrap.dedent('''
         hv1, _ = chunk_states_fwd(k, v, beta, gc2.contiguous(), None, False, cu, idx, C)
         hv = torch.cat(hvs, 1)
         assert rel(hv1, hv) < 1e-5, rel(hv1, hv)
+        if K <= 64:  # stored in float16 with a power of two per column: each entry within float16's rounding of its
+            # column's largest (the interpreter rounds toward zero: 2^-10), the final state as before
+            for (sc, ht2), ref, ht_ref in [(chunk_states_fwd(k.bfloat16(), k.bfloat16(), beta, gc2.contiguous(), h0,
+                                                             True, cu, idx, C, scaled=True), h1, ht1),
+                                           (chunk_states_fwd(k, v, beta, gc2.contiguous(), None, False, cu, idx, C,
+                                                             scaled=True), hv1, None)]:
+                assert sc.values.dtype == torch.float16 and torch.equal(sc.scales, torch.exp2(sc.scales.log2().round()))
+                col = ref.abs().amax(-2, keepdim=True)
+                err = ((sc.float() - ref).abs() / torch.where(col > 0, col, 1.)).max().item()
+                assert err <= 2 ** -10 and (ht_ref is None or torch.equal(ht2, ht_ref)), err
         for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
                                ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
             fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
@@ -106,6 +116,7 @@ def test_triton_cg_kernel_matches_pytorch_in_interpreter():
 FP16_SCRIPT = textwrap.dedent('''
     import math, torch
     import fla_mesa.ops.cg as cg
+    from fla_mesa.ops.states import chunk_states_fwd
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_states, pad_to_chunks
     from mesa_inputs import exact_solve, worst_token_and_channel
     import triton.language as tl
@@ -127,14 +138,25 @@ FP16_SCRIPT = textwrap.dedent('''
         h, _ = chunk_states(kp.double(), (bp[..., None] * kp).double(), gcp.double(), h0.double(), C)
         hv, _ = chunk_states(kp.double(), (bp[..., None] * vp).double(), gcp.double(), None, C)
         gc2 = (gcp[:, :T] / math.log(2)).contiguous()
-        x, iters, o = cg.chunk_cg_solve(q, k, beta, gc2, h.float().contiguous(), lamb, 30, None, 'jacobi', True,
-                                        chunk_size=C, v=v, h_kv=hv.float().contiguous())
-        errs = rel(x, x_ref), rel(x, x_ref, -1), rel(o, o_ref), *worst_token_and_channel(o, o_ref, size)
-        print('x', errs[:2], 'o', errs[2:], 'iterations', iters.float().mean().item(), flush=True)
-        # 11-bit operands (unit roundoff 2^-11), a few units of it norm-wise and a few more on the worst token or
-        # channel
-        assert torch.isfinite(x).all() and torch.isfinite(o).all()
-        assert errs[0] < 4 * 2 ** -11 and errs[2] < 4 * 2 ** -11 and max(errs[1], *errs[3:]) < 16 * 2 ** -11, errs
+        # the states in float32, and as the state kernel stores them for half-precision inputs at K <= 64: float16
+        # with a power of two per column
+        scaled = (chunk_states_fwd(k, k, beta, gc2, h0.float().contiguous(), chunk_size=C, scaled=True)[0],
+                  chunk_states_fwd(k, v, beta, gc2, chunk_size=C, scaled=True)[0])
+        for pre in ('none', 'jacobi'):
+            its = []
+            for h_kk, h_kv in [(h.float().contiguous(), hv.float().contiguous()), scaled]:
+                x, iters, o = cg.chunk_cg_solve(q, k, beta, gc2, h_kk, lamb, 30, None, 'jacobi', True, chunk_size=C,
+                                                v=v, h_kv=h_kv, cg_precond=pre)
+                errs = rel(x, x_ref), rel(x, x_ref, -1), rel(o, o_ref), *worst_token_and_channel(o, o_ref, size)
+                its.append(iters.float().mean().item())
+                print(type(h_kk).__name__, pre, 'x', errs[:2], 'o', errs[2:], 'iterations', its[-1], flush=True)
+                # 11-bit operands (unit roundoff 2^-11), a few units of it norm-wise and a few more on the worst
+                # token or channel
+                assert torch.isfinite(x).all() and torch.isfinite(o).all()
+                assert errs[0] < 4 * 2 ** -11 and errs[2] < 4 * 2 ** -11, errs
+                assert max(errs[1], *errs[3:]) < 16 * 2 ** -11, errs
+            # the same start and preconditioner from either storage (diag(H_t) read through the column scales)
+            assert abs(its[0] - its[1]) < 0.1, its
 
     B, T, H, K, V = 1, 100, 2, 32, 48
     k = torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
@@ -309,15 +331,20 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     chunk._state_grads = torch_state_grads
 
     # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, CG preconditioner, bounds on
-    # the errors of the gradients in the inputs' dtype and of the float32 ones (g, beta, lamb)): float32 products
-    # here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error up to 2^-8
+    # the errors of the gradients in the inputs' dtype and of the float32 ones (g, beta, lamb), float16 states):
+    # float32 products here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error up
+    # to 2^-8. The interpreter's full float32 products keep float32 states (`chunk.scaled_states`); the last case
+    # takes the GPU's float16 states for bf16 inputs at K <= 64 (float16's rounding: a few units of 2^-11)
     bf16_errs = {}
-    for T, K, V, dtype, steps, init, final, fp32_bwd, pre, bounds in [
-            (100, 32, 48, torch.float32, 30, True, True, True, 'none', (1e-5, 1e-5)),
-            (100, 32, 48, torch.float32, 30, True, True, True, 'jacobi', (1e-5, 1e-5)),
-            (70, 16, 16, torch.float32, 0, False, True, True, 'none', (1e-5, 1e-5)),   # GLA: H's side only for dht_kk
-            (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -8, 1e-5)),
-            (90, 32, 32, torch.bfloat16, 30, False, False, False, 'none', (3e-2, 3e-2))]:
+    scaled_states = chunk.scaled_states
+    for T, K, V, dtype, steps, init, final, fp32_bwd, pre, bounds, scaled in [
+            (100, 32, 48, torch.float32, 30, True, True, True, 'none', (1e-5, 1e-5), False),
+            (100, 32, 48, torch.float32, 30, True, True, True, 'jacobi', (1e-5, 1e-5), False),
+            (70, 16, 16, torch.float32, 0, False, True, True, 'none', (1e-5, 1e-5), False),  # H's side only for dht_kk
+            (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -8, 1e-5), False),
+            (90, 32, 32, torch.bfloat16, 30, False, False, False, 'none', (3e-2, 3e-2), False),
+            (90, 32, 32, torch.bfloat16, 30, True, True, True, 'jacobi', (2 ** -8, 4 * 2 ** -11), True)]:
+        chunk.scaled_states = (lambda k: True) if scaled else scaled_states
         B, H = 2, 2
         q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype) for _ in range(2))
         v = torch.randn(B, T, H, V).to(dtype)
@@ -350,9 +377,9 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
             assert ref[5] is None and not grads[5].any()
             names, ours, ref = names[:5] + names[6:], ours[:5] + ours[6:], ref[:5] + ref[6:]
         errs = {n: rel(a, b) for n, a, b in zip(names, ours, ref)}
-        print(T, K, V, dtype, steps, fp32_bwd, {n: f'{e:.1e}' for n, e in errs.items()}, flush=True)
+        print(T, K, V, dtype, steps, fp32_bwd, scaled, {n: f'{e:.1e}' for n, e in errs.items()}, flush=True)
         assert all(e < bounds[n in ('g', 'beta', 'lamb')] for n, e in errs.items()), errs
-        if dtype == torch.bfloat16:
+        if dtype == torch.bfloat16 and not scaled:
             bf16_errs[fp32_bwd] = errs
     assert all(bf16_errs[True][n] < bf16_errs[False][n] for n in bf16_errs[True]), bf16_errs
     print('OK')
@@ -373,7 +400,15 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
     from fla_mesa.ops.gla_backward import chunk_gla_bwd
+    from fla_mesa.ops.scaled_states import ScaledStates
     torch.manual_seed(0)
+
+    def as_states(h, scaled):
+        # (what the kernels take, its float32 value): h itself, or float16 values times a power of two per column
+        if not scaled:
+            return h, h
+        st = ScaledStates(h.half(), torch.exp2(torch.randint(-30, 30, h.shape[:3] + h.shape[-1:]).float()))
+        return st, st.float()
 
     def reference(q, k, v, beta, do, h, dh, G, chunks):
         # float64 autograd of sum <o, do> + sum_c <chunk-end state_c, dh_c>, chunk by chunk, the chunk-start states
@@ -403,14 +438,16 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 32, 48, 80, 128]),
            V=st.sampled_from([16, 40, 64, 128]), dtype=st.sampled_from(list(STORED)), varlen=st.booleans(),
            C=st.sampled_from([16, 32, 64]), gate=st.sampled_from(list(GATES)), betas=st.sampled_from(list(BETAS)),
-           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), seed=st.integers(0, 2 ** 16))
+           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), scaled=st.booleans(), seed=st.integers(0, 2 ** 16))
     @example(B=2, T=100, H=2, K=32, V=48, dtype=torch.float32, varlen=False, C=64, gate='mid', betas='any', cuts=[],
-             seed=0)
+             scaled=False, seed=0)
     @example(B=1, T=90, H=2, K=80, V=40, dtype=torch.bfloat16, varlen=True, C=32, gate='mid', betas='any',
-             cuts=[0.26, 0.57], seed=1)
+             cuts=[0.26, 0.57], scaled=False, seed=1)
     @example(B=2, T=70, H=1, K=128, V=128, dtype=torch.bfloat16, varlen=False, C=64, gate='mid', betas='any',
-             cuts=[], seed=2)
-    def check(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, seed):
+             cuts=[], scaled=False, seed=2)
+    @example(B=1, T=100, H=2, K=64, V=48, dtype=torch.bfloat16, varlen=True, C=64, gate='mid', betas='any',
+             cuts=[0.4], scaled=True, seed=3)
+    def check(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
         torch.manual_seed(seed)
         B = 1 if varlen else B
         bounds = sorted({0, T, *(int(c * T) for c in cuts)}) if varlen else [0, T]
@@ -433,9 +470,10 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
                                 chunk_indices=idx)
         h_kv, dh_kv = torch.randn(B, NT, H, K, V), torch.randn(B, NT, H, K, V)
         h_kk, dh_u = torch.randn(B, NT, H, K, K), torch.randn(B, NT, H, K, K)   # dh_u: the state gradients of +u
+        (h_kv, h_kv_ref), (h_kk, h_kk_ref) = as_states(h_kv, scaled), as_states(h_kk, scaled)
         G = gc * math.log(2)
-        ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv, dh_kv, G, chunks)
-        ref_h = reference(x, k.float(), k.float(), beta, u, h_kk, dh_u, G, chunks)
+        ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv_ref, dh_kv, G, chunks)
+        ref_h = reference(x, k.float(), k.float(), beta, u, h_kk_ref, dh_u, G, chunks)
         kw = dict(cu_seqlens=cu, chunk_indices=idx, chunk_size=C)
         dq, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
         first = {'q': rel(dq, ref_s[0]), 'k': rel(dk, ref_s[1]), 'v': rel(dv.float(), ref_s[2]),
@@ -446,7 +484,7 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         assert none is None and dv2 is dk2 is dk and dg2 is dg and dbeta2 is dbeta
         both = {'k': rel(dk, ref_s[1] - ref_h[1] - ref_h[2]), 'beta': rel(dbeta.sum(0).view(B, T, H),
                 ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4])}
-        print(B, T, H, K, V, dtype, bounds, C, gate, betas, {n: f'{e:.1e}' for n, e in first.items()},
+        print(B, T, H, K, V, dtype, bounds, C, gate, betas, scaled, {n: f'{e:.1e}' for n, e in first.items()},
               {n: f'{e:.1e}' for n, e in both.items()}, flush=True)
         # float32 products here; dv is stored in v's dtype
         assert all(e < (STORED[dtype] if n == 'v' else 1e-5) for n, e in first.items()), first
@@ -461,6 +499,6 @@ def test_gla_backward_kernels_in_interpreter():
     """The backward's per-chunk GLA gradient kernels against float64 autograd of the chunk equations, given the
     states and state gradients, on hypothesis-drawn cases: float32, bf16 and float16 operands, T from 1 and not a
     multiple of the chunk, chunks of 16-64, varlen with up to four sequences, K and V of one or two tiles and unequal,
-    gates near 1 to e^-5 a token, beta near 0 and near 1; then H's side (gradients of -u) added in place onto S's
-    buffers."""
+    gates near 1 to e^-5 a token, beta near 0 and near 1, states in float32 or float16 with a power of two per column
+    (`ScaledStates`); then H's side (gradients of -u) added in place onto S's buffers."""
     run_in_interpreter(GLA_BWD_SCRIPT)
