@@ -33,6 +33,7 @@ import tf32_emulation as emu  # noqa: E402  (puts the repository and tests/ops o
 
 import fla_mesa.ops.chunk as chunk_module  # noqa: E402
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa  # noqa: E402
+from fla_mesa.ops.scaled_states import ScaledStates  # noqa: E402
 from mesa_inputs import rel  # noqa: E402
 from test_chunk_gpu import grad_errors, grads_of  # noqa: E402
 
@@ -40,20 +41,15 @@ ROUND = {'states': None, 'x': None}
 _chunk_states, _torch_fwd = chunk_module.chunk_states, chunk_module._torch_fwd
 
 
-def pow2_floor(a):
-    """The power of two at or below each entry of `a` >= 0 (1 where it is 0), as the kernels' `_pow2`."""
-    return torch.where(a > 0, torch.exp2(torch.floor(torch.log2(a.clamp_min(torch.finfo(a.dtype).tiny)))), 1.)
-
-
 def to_half(t, mode, dim):
     """`t` (float32) rounded as stored in half precision: 'bf16', or 'fp16' with one power of two per slice along
-    `dim` (the reduction runs over `dim`: the largest magnitude of each slice sets its scale)."""
+    `dim` (the reduction runs over `dim`: the largest magnitude of each slice sets its scale), as `ScaledStates`
+    stores the states with `dim` as their K axis."""
     if mode is None:
         return t
     if mode == 'bf16':
         return t.bfloat16().float()
-    sc = pow2_floor(t.detach().abs().amax(dim, keepdim=True))
-    return (t / sc).half().float() * sc
+    return ScaledStates.of(t.transpose(dim, -2)).float().transpose(dim, -2)
 
 
 class Rounded(torch.autograd.Function):
