@@ -42,9 +42,9 @@ def main():
 
             def ours():
                 chunk_states_kernel[(triton.cdiv(D, BK), triton.cdiv(D, BV), B * H)](
-                    k, k, beta, gc, None, h, None, None, None, None, T=T, H=H, K=D, V=D, BT=64, BK=BK, BV=BV,
-                    USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=False, IS_VARLEN=False, num_warps=w,
-                    num_stages=s)
+                    k, k, beta, gc, None, h, None, None, *(None,) * 5, None, None, T=T, H=H, K=D, V=D, BT=64, BK=BK,
+                    BV=BV, USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=False, PAIR=False,
+                    IS_VARLEN=False, num_warps=w, num_stages=s)
 
             ours()
             err = ((h - ref).norm() / ref.norm()).item()

@@ -94,13 +94,13 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
 
 def states_kernel(K: int):
     cfg = states_launch_config(K, K)
-    scaled = K <= 64  # as chunk_mesa stores them for bf16 inputs
-    sig = dict(k='*bf16', v='*bf16', beta='*fp32', gc='*fp32', T='i32',
-               **(dict(h='*fp16', hsc='*fp32') if scaled else dict(h='*fp32')))
-    const = dict(h0=None, ht=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64, BK=cfg['BK'],
-                 BV=cfg['BV'], USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=scaled, IS_VARLEN=False,
-                 **({} if scaled else dict(hsc=None)))
-    return (f"chunk_states_kernel K=V={K}",
+    scaled = K <= 64  # as chunk_mesa stores them for bf16 inputs, H's and S's from one launch (V = K)
+    state = dict(h='*fp16', hsc='*fp32', h2='*fp16', hsc2='*fp32') if scaled else dict(h='*fp32', h2='*fp32')
+    sig = dict(k='*bf16', v='*bf16', v2='*bf16', beta='*fp32', gc='*fp32', T='i32', **state)
+    const = dict(h0=None, ht=None, h0_2=None, ht2=None, cu_seqlens=None, chunk_offsets=None, H=16, K=K, V=K, BT=64,
+                 BK=cfg['BK'], BV=cfg['BV'], USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=scaled,
+                 PAIR=True, IS_VARLEN=False, **({} if scaled else dict(hsc=None, hsc2=None)))
+    return (f"chunk_states_kernel K=V={K}, both states",
             compile_kernel(chunk_states_kernel, sig, const, cfg['num_warps'], cfg['num_stages']))
 
 

@@ -20,7 +20,7 @@ from fla_mesa.ops import cg
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
-from fla_mesa.ops.states import chunk_states_fwd
+from fla_mesa.ops.states import chunk_state_pair_fwd, chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
 from fla_mesa.ops.utils import check_inputs, l2norm
@@ -98,9 +98,12 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
     states = dict(output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
                   chunk_size=chunk_size, scaled=scaled_states(k))
     h_kk = ht_kk = None
-    if cg_steps > 0 or output_final_state:  # gated linear attention (no CG) needs H only for its final state
-        h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
-    h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
+    if (cg_steps > 0 or output_final_state) and v.shape == k.shape:  # both scans from one launch
+        (h_kk, ht_kk), (h_kv, ht_kv) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, **states)
+    else:
+        if cg_steps > 0 or output_final_state:  # gated linear attention (no CG) needs H only for its final state
+            h_kk, ht_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)
+        h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     solve = (q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_indices, chunk_size)
     if k.shape[-1] <= MAX_KERNEL_K:
         x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv, cg_precond=cg_precond)

@@ -6,6 +6,7 @@ k, v and beta in their own dtype and forms beta_s * exp2(g_last - g_s) * v_s in 
 products, as fla's float32 path). With `scaled=True` it stores each state in float16, one power of two per column
 (value channel) in a float32 side tensor: half the bytes for every kernel that reads them, for errors within the
 products' own rounding (benchmarks/ops/half_states_emulation.py); the recurrence itself stays float32 in registers.
+`chunk_state_pair_fwd` runs H's and S's scans (values k and v) side by side from one launch, for the forward.
 """
 
 import torch
@@ -26,6 +27,11 @@ def chunk_states_kernel(
     h,
     hsc,
     ht,
+    v2,
+    h0_2,
+    h2,
+    hsc2,
+    ht2,
     cu_seqlens,
     chunk_offsets,
     T,
@@ -38,9 +44,21 @@ def chunk_states_kernel(
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     SCALED: tl.constexpr,
+    PAIR: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if PAIR:
+        if i_v >= tl.cdiv(V, BV):  # the second state of the pair (its V is the first's): its own tensors
+            i_v -= tl.cdiv(V, BV)
+            v = v2
+            h = h2
+            if USE_INITIAL_STATE:
+                h0 = h0_2
+            if SCALED:
+                hsc = hsc2
+            if STORE_FINAL_STATE:
+                ht = ht2
     i_n, i_h = i_nh // H, i_nh % H
     if IS_VARLEN:
         bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -107,9 +125,39 @@ def chunk_states_fwd(
         chunk-start states `[B, NT, H, K, V]` float32, or `ScaledStates` if `scaled` (NT: chunks over all sequences
         when varlen), and the final states `[N, H, K, V]` float32 if `output_final_state`, else None.
     """
+    return _chunk_states(k, [v], beta, gc, [h0], output_final_state, cu_seqlens, chunk_indices, chunk_size,
+                         scaled)[0]
+
+
+def chunk_state_pair_fwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gc: torch.Tensor,
+    h0_kk: torch.Tensor | None = None,
+    h0_kv: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+    scaled: bool = False,
+):
+    r"""Triton: H's and S's chunk states (values k and v) from one launch, whose programs run both scans side by
+    side: `chunk_states_fwd(k, k, ...)` and `chunk_states_fwd(k, v, ...)` in one. Needs v of k's shape and dtype, and
+    both initial states or neither. Returns `((h_kk, ht_kk), (h_kv, ht_kv))`."""
+    if v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"chunk_state_pair_fwd: expected v of k's shape and dtype {tuple(k.shape)} {k.dtype}, got "
+                         f"{tuple(v.shape)} {v.dtype}")
+    if (h0_kk is None) != (h0_kv is None):
+        raise ValueError("chunk_state_pair_fwd: expected both initial states or neither")
+    h0s = [None, None] if h0_kk is None else [h0_kk.float(), h0_kv.float()]  # one pointer type for both
+    return _chunk_states(k, [k, v], beta, gc, h0s, output_final_state, cu_seqlens, chunk_indices, chunk_size, scaled)
+
+
+def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_indices, chunk_size, scaled):
     from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
     B, T, H, K = k.shape
-    V = v.shape[-1]
+    V = vs[0].shape[-1]
     if cu_seqlens is None:
         N, NT, chunk_offsets = B, triton.cdiv(T, chunk_size), None
     else:
@@ -118,24 +166,26 @@ def chunk_states_fwd(
         N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
     if scaled and K > 64:
         raise ValueError(f"chunk_states_fwd: scaled states need K <= 64, got K={K}")
-    h = k.new_empty(B, NT, H, K, V, dtype=torch.float16 if scaled else torch.float32)
-    hsc = k.new_empty(B, NT, H, V, dtype=torch.float32) if scaled else None
-    ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    outs = [(k.new_empty(B, NT, H, K, V, dtype=torch.float16 if scaled else torch.float32),
+             k.new_empty(B, NT, H, V, dtype=torch.float32) if scaled else None,
+             k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None) for _ in vs]
+    second = (vs[1], h0s[1], *outs[1]) if len(vs) == 2 else (None,) * 5
     cfg = states_launch_config(K, V)
-    chunk_states_kernel[(triton.cdiv(K, cfg['BK']), triton.cdiv(V, cfg['BV']), N * H)](
-        k, v, beta, gc, h0, h, hsc, ht, cu_seqlens, chunk_offsets,
+    chunk_states_kernel[(triton.cdiv(K, cfg['BK']), triton.cdiv(V, cfg['BV']) * len(vs), N * H)](
+        k, vs[0], beta, gc, h0s[0], *outs[0], *second, cu_seqlens, chunk_offsets,
         T=T,
         H=H,
         K=K,
         V=V,
         BT=chunk_size,
-        USE_INITIAL_STATE=h0 is not None,
+        USE_INITIAL_STATE=h0s[0] is not None,
         STORE_FINAL_STATE=output_final_state,
         SCALED=scaled,
+        PAIR=len(vs) == 2,
         IS_VARLEN=cu_seqlens is not None,
         **cfg,
     )
-    return (ScaledStates(h, hsc) if scaled else h), ht
+    return [((ScaledStates(h, hsc) if scaled else h), ht) for h, hsc, ht in outs]
 
 
 def states_launch_config(K: int, V: int) -> dict:

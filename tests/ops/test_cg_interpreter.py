@@ -34,7 +34,7 @@ FLA_PRELUDE = '''
 SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
-    from fla_mesa.ops.states import chunk_states_fwd
+    from fla_mesa.ops.states import chunk_state_pair_fwd, chunk_states_fwd
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 
     def rel(a, b):
@@ -80,6 +80,17 @@ SCRIPT = textwrap.dedent('''
                 col = ref.abs().amax(-2, keepdim=True)
                 err = ((sc.float() - ref).abs() / torch.where(col > 0, col, 1.)).max().item()
                 assert err <= 2 ** -10 and (ht_ref is None or torch.equal(ht2, ht_ref)), err
+            # both scans from one launch: each program runs one state's scan, so the pair equals two launches
+            vk = torch.randn(B, T, H, K).bfloat16()
+            r1 = torch.randn(h0.shape).bfloat16()  # another dtype than h0's: the pair takes both as float32
+            for scaled in (False, True):
+                one = [chunk_states_fwd(k.bfloat16(), val, beta, gc2.contiguous(), s0, True, cu, idx, C,
+                                        scaled=scaled) for val, s0 in ((k.bfloat16(), h0), (vk, r1))]
+                pair = chunk_state_pair_fwd(k.bfloat16(), vk, beta, gc2.contiguous(), h0, r1, True, cu, idx, C,
+                                            scaled=scaled)
+                for (a, at), (b, bt) in zip(one, pair):
+                    same = all(torch.equal(x, y) for x, y in zip(a, b)) if scaled else torch.equal(a, b)
+                    assert same and torch.equal(at, bt), scaled
         for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
                                ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
             fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
