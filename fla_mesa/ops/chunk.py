@@ -1,16 +1,17 @@
 """Chunked Mesa: forward by CG over chunk states, backward by implicit differentiation.
 
-Forward (per head): chunk-start states of H and of S = G^T (float32, `chunk_states_fwd`); x = (H_t +
-diag(lamb))^{-1} q_t for all t by `chunk_cg_solve`, which also takes o = the GLA output pass with query x, key k,
-value beta * v while x is on chip. Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t +
-diag(lamb))^{-1} dx_t by one more CG solve; the H-side gradients from one GLA backward with "output
-gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb = -sum_t u_t * x_t. Nothing is differentiated
-through the CG iterations: the gradients are those of the exact solve.
-On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh`, on the float32 chunk states of our
-state kernel (the solve's own, for H's side). The per-chunk gradients come from our `gla_backward` kernels (the default
-`fp32_backward`: half-precision operands read as they are, float32 products, H's side added in place), or from fla's
-`chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs' dtype with our `elementwise` casts and sums around them
-(`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s PyTorch twin.
+Forward (per head): chunk-start states of H and of S = G^T (`chunk_state_pair_fwd`: float32, or float16 with a power of
+two per column for half-precision inputs at K <= 64, `scaled_states`); x = (H_t + diag(lamb))^{-1} q_t for all t by
+`chunk_cg_solve`, which also takes o = the GLA output pass with query x, key k, value beta * v while x is on chip.
+Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t + diag(lamb))^{-1} dx_t by one more CG
+solve; the H-side gradients from one GLA backward with "output gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb =
+-sum_t u_t * x_t. Nothing is differentiated through the CG iterations: the gradients are those of the exact solve.
+On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh` (float32), beside the chunk states of our
+state kernel recomputed as the forward stored them (float32 for fla's primitives, `fp32_backward=False`). The per-chunk
+gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
+float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
+dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s
+PyTorch twin.
 """
 
 import torch
