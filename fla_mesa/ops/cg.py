@@ -137,6 +137,7 @@ def chunk_cg_kernel(
     SOLVE: tl.constexpr,
     JACOBI: tl.constexpr,
     PRECOND: tl.constexpr,
+    STORE_X: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     OUTPUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -222,7 +223,8 @@ def chunk_cg_kernel(
             i += 1
             todo = tl.max(b_rs - b_thresh, 0) > 0
 
-    tl.store(x + p_tk, b_x, mask=m_tk)
+    if STORE_X:
+        tl.store(x + p_tk, b_x, mask=m_tk)
     if STORE_ITERS:
         tl.store(iters + row, b_cnt, mask=m_t)
     if OUTPUT:
@@ -267,7 +269,8 @@ def chunk_cg_solve(
     v: torch.Tensor | None = None,
     h_kv: torch.Tensor | None = None,
     cg_precond: str = 'none',
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    store_x: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk; with `v` and `h_kv`, also
     the output o_t = G_t x_t from the same kernel.
 
@@ -279,9 +282,10 @@ def chunk_cg_solve(
         Both states may come as `ScaledStates` instead (float16 values, a float32 scale per column; both
         or neither).
         cg_precond: `'jacobi'` preconditions CG with diag(H_t + diag(lamb)); `'none'`: plain CG.
+        store_x: with `v`, False skips writing x (K <= 128; an inference forward needs only o).
     Returns:
-        x `[B, T, H, K]` float32, the iterations each token ran (int32 `[B, T, H]`) if `return_iters`, and
-        o `[B, T, H, V]` in v's dtype if `v` is given.
+        x `[B, T, H, K]` float32 (None if not `store_x`), the iterations each token ran (int32 `[B, T, H]`) if
+        `return_iters`, and o `[B, T, H, V]` in v's dtype if `v` is given.
     """
     B, T, H, K = b.shape
     if K > MAX_KERNEL_K:
@@ -297,7 +301,9 @@ def chunk_cg_solve(
         raise ValueError("chunk_cg_solve: `h_kk` and `h_kv` must both be ScaledStates or both tensors")
     scaled = (hsc if v is None else hvsc) is not None
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
-    x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device)
+    if not store_x and v is None:
+        raise ValueError("chunk_cg_solve: store_x=False needs `v` and `h_kv` (the output is then all it returns)")
+    x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device) if store_x else None
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
     V = 1 if v is None else v.shape[-1]
     o = None if v is None else torch.empty_like(v)
@@ -317,6 +323,7 @@ def chunk_cg_solve(
         SOLVE=cg_steps > 0,
         JACOBI=cg_init == 'jacobi',
         PRECOND=cg_precond == 'jacobi',
+        STORE_X=store_x,
         STORE_ITERS=return_iters,
         OUTPUT=v is not None,
         IS_VARLEN=cu_seqlens is not None,

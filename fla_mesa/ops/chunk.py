@@ -87,7 +87,7 @@ def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_s
 
 
 def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, output_final_state,
-              cu_seqlens, chunk_indices, chunk_size, cg_precond):
+              cu_seqlens, chunk_indices, chunk_size, cg_precond, save_x=True):
     from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -107,7 +107,7 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
         h_kv, ht_kv = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     solve = (q, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, return_iters, cu_seqlens, chunk_indices, chunk_size)
     if k.shape[-1] <= MAX_KERNEL_K:
-        x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv, cg_precond=cg_precond)
+        x, iters, o = chunk_cg_solve(*solve, v=v, h_kv=h_kv, cg_precond=cg_precond, store_x=save_x)
     else:  # wide heads: the solve on cuBLAS (see chunk_cg_solve), the output from fla's pass on float32 operands
         x, iters, _ = chunk_cg_solve(*solve, cg_precond=cg_precond)
         del h_kk
@@ -203,7 +203,7 @@ class ChunkMesaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, output_final_state,
-                return_iters, cu_seqlens, chunk_size, fp32_backward, cg_precond):
+                return_iters, cu_seqlens, chunk_size, fp32_backward, cg_precond, save_x):
         if q.is_cuda:
             from fla.ops.utils import prepare_chunk_indices
             q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
@@ -211,7 +211,7 @@ class ChunkMesaFunction(torch.autograd.Function):
             with torch.cuda.device(q.device):
                 o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                       return_iters, output_final_state, cu_seqlens, chunk_indices,
-                                                      chunk_size, cg_precond)
+                                                      chunk_size, cg_precond, save_x)
         else:
             chunk_indices = None
             o, ht_kk, ht_kv, x, iters = _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
@@ -237,7 +237,7 @@ class ChunkMesaFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
                 dlamb.to(lamb.dtype), None if dh0_kk is None else dh0_kk.to(h0_kk.dtype),
-                None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), None, None, None, None, None, None, None, None, None)
+                None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), *(None,) * 10)
 
 
 def _split_varlen(t, bounds):
@@ -346,18 +346,21 @@ def chunk_mesa(
         else:
             q, k = l2norm(q), l2norm(k)
     h0_kk, h0_kv = (None, None) if initial_state is None else initial_state
+    # x is kept for the backward only where one can run: without it the CUDA forward does not write x at all
+    save_x = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                             for t in (q, k, v, g, beta, lamb, h0_kk, h0_kv))
     if cu_seqlens is not None and not q.is_cuda:
         bounds = cu_seqlens.tolist()
         split = [_split_varlen(t, bounds) for t in (q, k, v, g, beta)]
         o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(*split, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
                                                           output_final_state, return_cg_iters, None, chunk_size,
-                                                          fp32_backward, cg_precond)
+                                                          fp32_backward, cg_precond, save_x)
         o = _join_varlen(o, bounds)
         iters = None if iters is None else _join_varlen(iters, bounds)
     else:
         o, ht_kk, ht_kv, iters = ChunkMesaFunction.apply(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol,
                                                           cg_init, output_final_state, return_cg_iters, cu_seqlens,
-                                                          chunk_size, fp32_backward, cg_precond)
+                                                          chunk_size, fp32_backward, cg_precond, save_x)
     final_state = (ht_kk, ht_kv) if output_final_state else None
     if return_cg_iters:
         return o, final_state, iters

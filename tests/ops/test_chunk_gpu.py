@@ -152,6 +152,24 @@ def test_zero_steps_is_fla_simple_gla():
     assert rel(o, o_ref) < 2 ** -8 and rel(h_kv, s_ref) < FP32_GPU
 
 
+def test_forward_without_grad_writes_no_x(monkeypatch):
+    """Under no_grad, or with no input requiring grad, nothing will read x: the CG kernel does not write it, for the
+    same output bit for bit."""
+    import fla_mesa.ops.chunk as chunk_module
+    solve, seen = chunk_module.chunk_cg_solve, []
+    monkeypatch.setattr(chunk_module, 'chunk_cg_solve',
+                        lambda *a, **kw: seen.append(kw.get('store_x', True)) or solve(*a, **kw))
+    q, k, v, g, beta, lamb, _ = cuda(*make_inputs(2, 300, 2, 64, 64, dtype=torch.bfloat16, seed=6))
+    leaves = [t.requires_grad_() for t in (q, k, v, g, beta, lamb)]
+    o = chunk_mesa(*leaves)[0]
+    with torch.no_grad():
+        o_no_grad = chunk_mesa(*leaves)[0]
+    o_plain = chunk_mesa(*(t.detach() for t in leaves))[0]
+    assert seen == [True, False, False] and torch.equal(o_no_grad, o) and torch.equal(o_plain, o)
+    o.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+
+
 @pytest.mark.parametrize('D', [64, 128])
 @pytest.mark.parametrize('lamb_value', [0.25, 1.0])
 def test_bf16_error_no_worse_than_fla(D, lamb_value):
