@@ -1,5 +1,7 @@
-"""Times the float32 chunk-state kernel (`fla_mesa/ops/states.py`) against fla's `chunk_fwd_h` on float32 copies of
-k and beta * k (what `chunk_mesa`'s forward did before the kernel), over the kernel's launch configurations.
+"""Times the chunk-state kernel (`fla_mesa/ops/states.py`) over its launch configurations: first float32 states of
+beta * k * k^T against fla's `chunk_fwd_h` on float32 copies of k and beta * k (what `chunk_mesa`'s forward did
+before the kernel); then as `chunk_mesa` runs it, the forward's state pair (H's and S's states from one launch) and
+the backward's single states, stored as `chunk_mesa` stores them (float16 with column scales at D = 64).
 
 Usage: python benchmarks/ops/benchmark_states.py      (GPU; B=8 T=2048 H=16, bf16 k, D = 128 and 64)
 """
@@ -16,7 +18,7 @@ from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 B, T, H = 8, 2048, 16
 
 
-def main():
+def against_fla():
     from fla.ops.common.chunk_h import chunk_fwd_h
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -56,6 +58,62 @@ def main():
         ship = (cfg['BK'], cfg['BV'], cfg['num_warps'], cfg['num_stages'])
         shipped = [t for t, c, _ in res if c == ship]
         print(f"D={D} ours as shipped {ship}: {shipped[0]:.3f} ms", flush=True)
+
+
+def stored_outputs(k, pair, scaled):
+    """Chunk-start states for `launch_stored` as `chunk_mesa` stores them: per state [values, column scales, None]."""
+    B, T, H, D = k.shape
+    return [[k.new_empty(B, T // 64, H, D, D, dtype=torch.float16 if scaled else torch.float32),
+             k.new_empty(B, T // 64, H, D, dtype=torch.float32) if scaled else None, None] for _ in range(1 + pair)]
+
+
+def launch_stored(k, v, beta, gc, outs, pair, scaled, BK, BV, w, s):
+    """The forward's pair (values k and v) or the single state (values k) into `outs` (`stored_outputs`)."""
+    B, T, H, D = k.shape
+    second = (v, None, *outs[1]) if pair else (None,) * 5
+    chunk_states_kernel[(triton.cdiv(D, BK), triton.cdiv(D, BV) * (1 + pair), B * H)](
+        k, k, beta, gc, None, *outs[0], *second, None, None, T=T, H=H, K=D, V=D, BT=64, BK=BK, BV=BV,
+        USE_INITIAL_STATE=False, STORE_FINAL_STATE=False, SCALED=scaled, PAIR=pair, IS_VARLEN=False, num_warps=w,
+        num_stages=s)
+
+
+def as_stored(dims=(128, 64)):
+    """The pair and the single state, in chunk_mesa's storage, every configuration against the shipped one's states
+    (the differences must be 0: the tiles change no arithmetic)."""
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    from fla_mesa.ops.chunk import scaled_states
+    for D in dims:
+        k = F.normalize(torch.randn(B, T, H, D, device='cuda'), dim=-1).bfloat16()
+        v = torch.randn(B, T, H, D, device='cuda').bfloat16()
+        beta = torch.rand(B, T, H, device='cuda')
+        gc = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, device='cuda') + 4), chunk_size=64, scale=RCP_LN2)
+        scaled = scaled_states(k)
+        for pair in (True, False):
+            outs = stored_outputs(k, pair, scaled)
+            cfg = states_launch_config(D, D, pair)
+            ship = (cfg['BK'], cfg['BV'], cfg['num_warps'], cfg['num_stages'])
+            launch_stored(k, v, beta, gc, outs, pair, scaled, *ship)
+            ref = [o[0].clone() for o in outs]
+            res = []
+            for c in itertools.product((D,) if scaled else (32, 64), (16, 32, 64), (1, 2, 4), (2, 3)):
+                if c[1] > D:
+                    continue
+                launch_stored(k, v, beta, gc, outs, pair, scaled, *c)
+                diff = max((o[0].float() - r.float()).abs().max().item() for o, r in zip(outs, ref))
+                res.append((do_bench(lambda: launch_stored(k, v, beta, gc, outs, pair, scaled, *c), warmup=10, rep=50),
+                            c, diff))
+            res.sort()
+            name = 'pair' if pair else 'single'
+            for t, c, diff in res[:4]:
+                print(f"D={D} {name} BK={c[0]} BV={c[1]} warps={c[2]} stages={c[3]}: {t:.4f} ms (max diff {diff:.0e})")
+            print(f"D={D} {name} as shipped {ship}: {[t for t, c, _ in res if c == ship][0]:.4f} ms", flush=True)
+
+
+def main():
+    against_fla()
+    as_stored()
 
 
 if __name__ == '__main__':

@@ -170,7 +170,7 @@ def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_in
              k.new_empty(B, NT, H, V, dtype=torch.float32) if scaled else None,
              k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None) for _ in vs]
     second = (vs[1], h0s[1], *outs[1]) if len(vs) == 2 else (None,) * 5
-    cfg = states_launch_config(K, V)
+    cfg = states_launch_config(K, V, pair=len(vs) == 2)
     chunk_states_kernel[(triton.cdiv(K, cfg['BK']), triton.cdiv(V, cfg['BV']) * len(vs), N * H)](
         k, vs[0], beta, gc, h0s[0], *outs[0], *second, cu_seqlens, chunk_offsets,
         T=T,
@@ -188,8 +188,9 @@ def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_in
     return [((ScaledStates(h, hsc) if scaled else h), ht) for h, hsc, ht in outs]
 
 
-def states_launch_config(K: int, V: int) -> dict:
+def states_launch_config(K: int, V: int, pair: bool = False) -> dict:
     """`chunk_states_kernel`'s tiles, warps and stages: the fastest of BK, BV in (32, 64), 2-8 warps and 1-3 stages
-    at K = V = 128 and 64 on an H100 (benchmarks/RESULTS.md)."""
-    return dict(BK=min(64, max(16, triton.next_power_of_2(K))), BV=64 if V >= 128 else 32, num_warps=2,
-                num_stages=2 if K >= 128 else 3)
+    at K = V = 128 and 64 on an H100; at 64, the pair's fastest BV is 64, the single state's 32 (benchmarks/RESULTS.md,
+    `benchmark_states.py`)."""
+    return dict(BK=min(64, max(16, triton.next_power_of_2(K))), BV=64 if V >= 128 or (pair and V >= 64) else 32,
+                num_warps=2, num_stages=2 if K >= 128 else 3)

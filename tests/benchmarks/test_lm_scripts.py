@@ -185,6 +185,20 @@ def test_cg_benchmarks_launch_the_kernel_with_its_arguments(monkeypatch):
     assert fake.calls == 5
 
 
+def test_states_benchmark_launches_the_kernel_with_its_arguments(monkeypatch):
+    import torch
+    bench = load(os.path.join(ROOT, 'benchmarks', 'ops', 'benchmark_states.py'), 'ops_benchmark_states')
+    fake = _KernelCall(bench.chunk_states_kernel)
+    monkeypatch.setattr(bench, 'chunk_states_kernel', fake)
+    k = torch.zeros(1, 64, 1, 64)
+    for pair in (True, False):
+        for scaled in (True, False):
+            outs = bench.stored_outputs(k, pair, scaled)
+            assert len(outs) == 1 + pair and (outs[0][1] is not None) == scaled
+            bench.launch_stored(k, k, k[..., 0], k[..., 0], outs, pair, scaled, 64, 64, 2, 3)
+    assert fake.calls == 4
+
+
 def test_gla_bwd_benchmark_launches_both_kernels_and_sweeps_the_chosen_configs(monkeypatch):
     import torch
 
