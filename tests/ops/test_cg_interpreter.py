@@ -34,6 +34,7 @@ FLA_PRELUDE = '''
 SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
+    from fla_mesa.ops.scaled_states import ScaledStates
     from fla_mesa.ops.states import chunk_state_pair_fwd, chunk_states_fwd
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 
@@ -110,6 +111,18 @@ SCRIPT = textwrap.dedent('''
                                              C)[:, :e - s] for p, gc, hh, s, e in
                                 zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
                 assert rel(o1, o2) < 1e-5, rel(o1, o2)
+        if K <= 64:  # the states as bf16 inputs store them there (float16, a power of two per column): the
+            # kernel against the twin on the same states, through the Jacobi start and preconditioner
+            sh, shv = ScaledStates.of(h), ScaledStates.of(torch.cat(hvs, 1).contiguous())
+            x1, i1, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), sh, lamb, 12, None, 'jacobi', True, cu, idx, C,
+                                        v, shv, cg_precond='jacobi')
+            outs = [torch_chunk_cg_solve(p[0], p[1], p[3], gc, ScaledStates.of(hh).float(), lamb, 12, None, 'jacobi',
+                                         True, C, 'jacobi') for p, gc, hh in zip(pieces, gcs, hs)]
+            x2 = torch.cat([o[0][:, :e - s] for o, s, e in zip(outs, bounds, bounds[1:])], 1)
+            o2 = torch.cat([chunk_output(pad_to_chunks(x1[:, s:e], C), p[1], p[3][..., None] * p[4],
+                                         ScaledStates.of(hh).float(), gc, C)[:, :e - s] for p, gc, hh, s, e in
+                            zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
+            assert rel(x1, x2) < 1e-4 and rel(o1, o2) < 1e-5, (rel(x1, x2), rel(o1, o2))
         if K <= 128:  # cg_steps = 0: x = q and the GLA output
             x0, _, o0 = chunk_cg_solve(q, k, beta, gc2.contiguous(), h, lamb, 0, None, 'jacobi', False, cu, idx, C,
                                        v, hv)
