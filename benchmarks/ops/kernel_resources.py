@@ -19,13 +19,15 @@ import tempfile
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
 from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
-PTXAS, NVDISASM = os.path.join(BIN, 'ptxas'), os.path.join(BIN, 'nvdisasm')
+# the ptxas Triton itself runs for sm_90a (from Triton 3.8 the newer of its two, whose PTX the older rejects)
+PTXAS, NVDISASM = get_ptxas(90).path, os.path.join(BIN, 'nvdisasm')
 # per thread and iteration: tensor-core instructions (mma.sync, wgmma), shared-memory loads and stores, spill
 # reloads and stores (local memory), barriers
 LOOP_OPS = ('HMMA', 'HGMMA', 'LDS', 'LDSM', 'STS', 'LDL', 'STL', 'BAR')
@@ -44,7 +46,8 @@ def report(name: str, compiled) -> str:
         f.write(compiled.asm['ptx'])
     res = subprocess.run([PTXAS, '-arch=sm_90a', '-v', f.name, '-o', os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
-    lines = [ln.split('ptxas info    :')[-1].strip() for ln in res.stderr.splitlines() if 'spill' in ln or 'Used' in ln]
+    lines = [re.split(r'ptxas\S* info\s*:', ln)[-1].strip() for ln in res.stderr.splitlines()
+             if 'spill' in ln or 'Used' in ln]
     ptx = compiled.asm['ptx']
     mma = 'wgmma' if 'wgmma.mma_async' in ptx else 'mma.sync' if 'mma.sync' in ptx else 'none'
     return f"| {name} | {'; '.join(lines)} | {mma} | {loop_mix(compiled.asm['cubin'])} |"
@@ -93,7 +96,7 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
 
 
 def states_kernel(K: int):
-    cfg = states_launch_config(K, K)
+    cfg = states_launch_config(K, K, pair=True)
     scaled = K <= 64  # as chunk_mesa stores them for bf16 inputs, H's and S's from one launch (V = K)
     state = dict(h='*fp16', hsc='*fp32', h2='*fp16', hsc2='*fp32') if scaled else dict(h='*fp32', h2='*fp32')
     sig = dict(k='*bf16', v='*bf16', v2='*bf16', beta='*fp32', gc='*fp32', T='i32', **state)
