@@ -190,7 +190,7 @@ def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_in
 
 def states_launch_config(K: int, V: int, pair: bool = False) -> dict:
     """`chunk_states_kernel`'s tiles, warps and stages: the fastest of BK, BV in (32, 64), 2-8 warps and 1-3 stages
-    at K = V = 128 and 64 on an H100; at 64, the pair's fastest BV is 64, the single state's 32 (benchmarks/RESULTS.md,
-    `benchmark_states.py`)."""
+    at K = V = 128 and 64 on an H100; at 64 (timed with float16 states), the pair's fastest BV is 64, the single
+    state's 32 (benchmarks/RESULTS.md, `benchmark_states.py`)."""
     return dict(BK=min(64, max(16, triton.next_power_of_2(K))), BV=64 if V >= 128 or (pair and V >= 64) else 32,
                 num_warps=2, num_stages=2 if K >= 128 else 3)

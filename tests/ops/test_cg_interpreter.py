@@ -111,10 +111,10 @@ SCRIPT = textwrap.dedent('''
                                              C)[:, :e - s] for p, gc, hh, s, e in
                                 zip(pieces, gcs, hvs, bounds, bounds[1:])], 1)
                 assert rel(o1, o2) < 1e-5, rel(o1, o2)
-        if K <= 64:  # the states as bf16 inputs store them there (float16, a power of two per column): the
-            # kernel against the twin on the same states, through the Jacobi start and preconditioner
+        if K <= 64:  # the states as chunk_mesa stores them for bf16 inputs there (float16, a power of two per
+            # column): the kernel against the twin on the same states, through the Jacobi start and preconditioner
             sh, shv = ScaledStates.of(h), ScaledStates.of(torch.cat(hvs, 1).contiguous())
-            x1, i1, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), sh, lamb, 12, None, 'jacobi', True, cu, idx, C,
+            x1, _, o1 = chunk_cg_solve(q, k, beta, gc2.contiguous(), sh, lamb, 12, None, 'jacobi', True, cu, idx, C,
                                         v, shv, cg_precond='jacobi')
             outs = [torch_chunk_cg_solve(p[0], p[1], p[3], gc, ScaledStates.of(hh).float(), lamb, 12, None, 'jacobi',
                                          True, C, 'jacobi') for p, gc, hh in zip(pieces, gcs, hs)]
