@@ -7,7 +7,7 @@ Each variant is timed twice, interleaved (`triton.testing.do_bench` medians, ms)
 """
 
 import torch
-import torch.nn.functional as F
+from profile_mesa import random_inputs
 from triton.testing import do_bench
 
 from fla_mesa.ops import chunk_mesa
@@ -17,12 +17,7 @@ def main(B=8, T=2048, H=16):
     print("| head dim | forward, grad mode (ms, two runs) | forward, no_grad (ms, two runs) |")
     print("|---|---|---|")
     for D in (64, 128):
-        q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda'), dim=-1).bfloat16().requires_grad_()
-                for _ in range(2))
-        v = torch.randn(B, T, H, D, device='cuda').bfloat16().requires_grad_()
-        g = F.logsigmoid(torch.randn(B, T, H, device='cuda') + 4).requires_grad_()
-        beta = torch.rand(B, T, H, device='cuda').requires_grad_()
-        lamb = torch.ones(H, D, device='cuda').requires_grad_()
+        q, k, v, g, beta, lamb = random_inputs(B, T, H, D, 1.0)
 
         def train():
             chunk_mesa(q, k, v, g, beta, lamb, check_values=False)

@@ -13,14 +13,19 @@ from fla_mesa.ops import chunk_mesa
 B, T, H = 8, 2048, 16
 
 
+def random_inputs(B, T, H, D, lamb):
+    """bf16 normalised q and k and bf16 v, forget gates near 1, beta uniform in (0, 1), lamb the constant `lamb`: CUDA
+    tensors requiring grad (unseeded; shared with `benchmark_no_grad_forward.py`)."""
+    q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda'), dim=-1).bfloat16() for _ in range(2))
+    v = torch.randn(B, T, H, D, device='cuda').bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, device='cuda') + 4)
+    beta = torch.rand(B, T, H, device='cuda')
+    return [t.requires_grad_() for t in (q, k, v, g, beta, torch.full((H, D), lamb, device='cuda'))]
+
+
 def main():
     for D in (128, 64):
-        q, k = (F.normalize(torch.randn(B, T, H, D, device='cuda'), dim=-1).bfloat16().requires_grad_()
-                for _ in range(2))
-        v = torch.randn(B, T, H, D, device='cuda').bfloat16().requires_grad_()
-        g = F.logsigmoid(torch.randn(B, T, H, device='cuda') + 4).requires_grad_()
-        beta = torch.rand(B, T, H, device='cuda').requires_grad_()
-        lamb = torch.full((H, D), 0.25, device='cuda').requires_grad_()
+        q, k, v, g, beta, lamb = random_inputs(B, T, H, D, 0.25)
         for steps in (30, 0):
             def step():
                 o, _ = chunk_mesa(q, k, v, g, beta, lamb, cg_steps=steps)
