@@ -193,7 +193,13 @@ def chunk_cg_kernel(
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
             if SCALED_STATES:
                 b_hdiag = b_hdiag.to(tl.float32) * b_hcol
-            b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * tl.dot(b_decay, b_k * b_k) + b_lamb[None, :]
+            # the in-chunk sum: at K <= 64 on the products' operands (the diagonal sets only CG's start and the
+            # preconditioner; 7% faster CG at K = 64 on an H100, 1-3% slower at K = 128: benchmarks/RESULTS.md)
+            if BK <= 64:
+                b_dk = (b_ksc * b_ksc) * tl.dot(b_decay.to(PDT), b_kq * b_kq)
+            else:
+                b_dk = tl.dot(b_decay, b_k * b_k)
+            b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * b_dk + b_lamb[None, :]
         if JACOBI:
             b_x = b_b / b_diag
             b_r = b_b - _system_product(b_x, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
@@ -317,7 +323,7 @@ def chunk_cg_solve(
         K=K,
         V=V,
         BT=chunk_size,
-        BV=min(64, max(16, triton.next_power_of_2(V))),
+        BV=64,  # not 32: out-of-range shared addresses in the output pass at BV = 32 (benchmarks/RESULTS.md)
         PDT=products_dtype(k.dtype),
         SCALED_STATES=scaled,
         SOLVE=cg_steps > 0,
