@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel, products_dtype
+from fla_mesa.ops.cg import OUTPUT_BV, cg_launch_config, chunk_cg_kernel, products_dtype
 from fla_mesa.ops.chunk import scaled_states
 from fla_mesa.ops.scaled_states import state_parts
 from fla_mesa.ops.states import chunk_states_fwd
@@ -39,7 +39,7 @@ def inputs(D):
     return dict(q=q, k=k, v=v, beta=beta, gc=gc, lamb=lamb, h_kk=h_kk, h_kv=h_kv, x=x, o=o)
 
 
-def launch(d, steps, jacobi, output, BR, warps, BV=64):
+def launch(d, steps, jacobi, output, BR, warps):
     """`steps` plain CG iterations (tolerance 0, so no token stops), with the Jacobi start and the output pass
     on or off, at BR rows per program and `warps` warps."""
     D = d['q'].shape[-1]
@@ -47,7 +47,7 @@ def launch(d, steps, jacobi, output, BR, warps, BV=64):
     chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         d['q'], d['k'], d['beta'], d['gc'], h_kk, hsc, d['lamb'], d['x'], None,
         *((d['v'], h_kv, hvsc, d['o']) if output else (None,) * 4), None, None, tol_sq=0., steps=steps, T=T, H=H,
-        K=D, V=D, BT=64, BR=BR, BK=D, BV=BV, PDT=products_dtype(d['k'].dtype), SCALED_STATES=hsc is not None,
+        K=D, V=D, BT=64, BR=BR, BK=D, BV=OUTPUT_BV, PDT=products_dtype(d['k'].dtype), SCALED_STATES=hsc is not None,
         SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_X=True, STORE_ITERS=False, OUTPUT=output,
         IS_VARLEN=False,
         num_warps=warps, num_stages=1)
@@ -65,15 +65,12 @@ def main():
             t = do_bench(lambda: launch(d, steps, jacobi, output, BR0, w0), warmup=10, rep=50)
             print(f"  steps={steps:2d} jacobi={jacobi:d} output={output:d}: {t:.3f} ms", flush=True)
         res = []
-        # BV = 32 left out: at K = V = 128 with 16 rows and 4 warps, compute-sanitizer finds an out-of-range shared or
-        # local address in the output pass's loop (Triton 3.7.1, benchmarks/RESULTS.md, twenty-second session)
-        for BR, w, BV in itertools.product((16, 32, 64), (4, 8), (64,)):
-            t4 = do_bench(lambda: launch(d, 4, True, True, BR, w, BV), warmup=5, rep=30)
-            t16 = do_bench(lambda: launch(d, 16, True, True, BR, w, BV), warmup=5, rep=30)
-            res.append((t16, t4, (t16 - t4) / 12, BR, w, BV))
-        for t16, t4, per, BR, w, BV in sorted(res)[:8]:
-            print(f"  rows={BR} warps={w} BV={BV}: 16 it {t16:.3f} ms, 4 it {t4:.3f} ms, per it {per:.4f} ms",
-                  flush=True)
+        for BR, w in itertools.product((16, 32, 64), (4, 8)):
+            t4 = do_bench(lambda: launch(d, 4, True, True, BR, w), warmup=5, rep=30)
+            t16 = do_bench(lambda: launch(d, 16, True, True, BR, w), warmup=5, rep=30)
+            res.append((t16, t4, (t16 - t4) / 12, BR, w))
+        for t16, t4, per, BR, w in sorted(res):
+            print(f"  rows={BR} warps={w}: 16 it {t16:.3f} ms, 4 it {t4:.3f} ms, per it {per:.4f} ms", flush=True)
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from fla_mesa.ops.cg import cg_launch_config, chunk_cg_kernel
+from fla_mesa.ops.cg import OUTPUT_BV, cg_launch_config, chunk_cg_kernel
 from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
 BIN = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
@@ -82,7 +82,7 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
     state = dict(h='*fp16', hsc='*fp32') if scaled else dict(h='*fp32')
     sig = dict(b='*bf16', k='*bf16', beta='*fp32', gc='*fp32', lamb='*fp32', x='*fp32', iters='*i32',
                tol_sq='fp32', steps='i32', T='i32', **state)
-    const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=64,
+    const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=OUTPUT_BV,
                  PDT=tl.float16, SCALED_STATES=scaled, SOLVE=True, JACOBI=True, PRECOND=precond, STORE_X=True,
                  STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, **({} if scaled else dict(hsc=None)))
     if output:

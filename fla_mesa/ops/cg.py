@@ -31,6 +31,9 @@ MAX_KERNEL_K = 128
 # 2^-16 adds an error (at most cond(H_t + diag(lamb)) * 2^-16) a 32nd of the products' rounding error (about
 # cond * 2^-11)
 TF32_FLOOR = 2 ** -16
+# the output pass's value tile, whatever V: at 32 columns compute-sanitizer finds out-of-range shared addresses in
+# its products (Triton 3.7.1, benchmarks/RESULTS.md, twenty-second and twenty-third sessions)
+OUTPUT_BV = 64
 
 
 def full_products() -> bool:
@@ -323,7 +326,7 @@ def chunk_cg_solve(
         K=K,
         V=V,
         BT=chunk_size,
-        BV=64,  # not 32: out-of-range shared addresses in the output pass at BV = 32 (benchmarks/RESULTS.md)
+        BV=OUTPUT_BV,
         PDT=products_dtype(k.dtype),
         SCALED_STATES=scaled,
         SOLVE=cg_steps > 0,
