@@ -77,7 +77,6 @@ def registers(B, T, H, D):
                    for kw in (dict(cg_steps=30), dict(cg_steps=30, cg_tol=1e-2))]
             rows.append((f"D={D} chunk_mesa forward, CG kernel maxnreg={cap}: 30 CG, cg_tol=0.01 (/ fla)",
                          *fwd, fwd[1] / fla))
-        cg.cg_launch_config = ship_cg
         d = gla_inputs(B, T, H, D)
         x, k, v, beta, do, u, gc, h_kv, dh = (d[n] for n in ('x', 'k', 'v', 'beta', 'do', 'u', 'gc', 'h', 'dh'))
         h_kk = ScaledStates.of(torch.randn_like(dh)) if isinstance(h_kv, ScaledStates) else torch.randn_like(dh)
