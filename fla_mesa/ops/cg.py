@@ -98,6 +98,17 @@ def _system_product(b_p, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
 
 
 @triton.jit
+def _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_hc, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    # the output pass's tiles of value columns [i_v * BV, (i_v + 1) * BV) as stored: the chunk's values and the
+    # chunk-start state h_kv's columns (i_hc: the chunk's and head's state)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_v = tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
+    b_hv = tl.load(h_kv + i_hc * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+    return b_v, b_hv
+
+
+@triton.jit
 def precondition(b_r, b_rs, b_diag, PRECOND: tl.constexpr):
     # (z, r . z) over the last dim: z = r / diag with PRECOND (CG preconditioned with M = diag(H_t + diag(lamb)),
     # b_diag holding it), else z = r and r . z = r . r = b_rs; shared by the chunk and the decoding kernels
@@ -165,6 +176,10 @@ def chunk_cg_kernel(
     b_beta = tl.load(beta + row_s, mask=m_s, other=0.).to(tl.float32)
     b_gs = tl.load(gc + row_s, mask=m_s, other=0.).to(tl.float32)
     b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
+    if OUTPUT and V <= BV:
+        # one value tile: the output pass's loads go out now, their latency hidden behind the solve (a 2-3% faster
+        # forward CG kernel at K = V = 64 on an H200, benchmarks/RESULTS.md)
+        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), 0, K, V, BV)
 
     # decay[t, s] = exp2(g_t - g_s) * beta_s for key s <= token t in the chunk
     m_ts = (o_t[:, None] >= o_s[None, :]) & m_t[:, None] & m_s[None, :]
@@ -244,20 +259,19 @@ def chunk_cg_kernel(
         b_xq, b_xsc = _scaled_rows(b_x, PDT)
         b_sx, b_sxsc = _scaled_rows(tl.dot(b_xq, tl.trans(b_kq)) * b_decay, PDT)
         b_sxsc = b_xsc * b_sxsc * (b_ksc * b_dsc)
-        p_hv = h_kv + (i_tg * H + i_h).to(tl.int64) * K * V
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
-            b_v, b_vsc = _scaled_cols(tl.load(v + row_s[:, None] * V + o_v[None, :],
-                                              mask=m_s[:, None] & m_v[None, :], other=0.).to(tl.float32), PDT)
-            p_hvv = p_hv + o_k[:, None] * V + o_v[None, :]
+            if V > BV:
+                b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), i_v, K, V, BV)
+            b_vq, b_vsc = _scaled_cols(b_v.to(tl.float32), PDT)
             if SCALED_STATES:
-                b_hv = tl.load(p_hvv, mask=m_k[:, None] & m_v[None, :], other=0.).to(PDT)
+                b_hvq = b_hv.to(PDT)
                 b_hvsc = tl.load(hvsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=1.)
             else:
-                b_hv, b_hvsc = _scaled_cols(tl.load(p_hvv, mask=m_k[:, None] & m_v[None, :], other=0.), PDT)
-            b_o = ((b_xsc * b_eg)[:, None] * b_hvsc[None, :] * tl.dot(b_xq, b_hv)
-                   + b_sxsc[:, None] * b_vsc[None, :] * tl.dot(b_sx, b_v))
+                b_hvq, b_hvsc = _scaled_cols(b_hv, PDT)
+            b_o = ((b_xsc * b_eg)[:, None] * b_hvsc[None, :] * tl.dot(b_xq, b_hvq)
+                   + b_sxsc[:, None] * b_vsc[None, :] * tl.dot(b_sx, b_vq))
             tl.store(o + row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
 
