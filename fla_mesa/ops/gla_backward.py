@@ -110,6 +110,11 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, 
 
     b_g = tl.load(gc + row, mask=m_t, other=0.)
     b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
+    # the tiles used after the key loop load before it, their latency hidden behind its products (2-3% faster
+    # gradient kernels on an H200, benchmarks/RESULTS.md)
+    b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
+    b_src = tl.load(w_src + p_tv, mask=m_tv, other=0.)
     b_dw = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)  # b_a[s, t] = k_s . q_t
     for i_k in range(tl.cdiv(K, BK)):
@@ -126,11 +131,10 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, 
     b_dw *= tl.where(m_t, tl.exp2(b_g_last - b_g), 0.)[:, None]
     m_st = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_a = tl.where(m_st, b_a * tl.exp2(tl.where(m_st, b_g[None, :] - b_g[:, None], 0.)), 0.)
-    b_dw += tl.dot(b_a, tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32))
+    b_dw += tl.dot(b_a, b_do.to(tl.float32))
     if NEGATE:
         b_dw = -b_dw
-    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
-    b_src = tl.load(w_src + p_tv, mask=m_tv, other=0.).to(tl.float32)
+    b_src = b_src.to(tl.float32)
     b_dsrc = b_beta[:, None] * b_dw
     b_db = tl.sum(b_dw * b_src, 1)
     p_db = dbeta + i_v * n_rows + row
