@@ -63,6 +63,10 @@ def timed(fn, args, backward):
     return do_bench(run, warmup=25, rep=100), peak
 
 
+# with the zero start, the tolerance whose output error equals fla's 30-step error here (the Jacobi start's is 1e-2)
+ZERO_START_TOL = 3e-3
+
+
 def ops(steps):
     """Our rows run as `MesaAttention` calls the op, without the two value checks (each waits for the GPU, and fla's
     ops have none); one row at 30 steps keeps them, for their cost."""
@@ -76,6 +80,10 @@ def ops(steps):
         f'chunk_mesa, {steps} CG': lambda *a: mesa(*a, cg_steps=steps),
         **{f'chunk_mesa, {steps} CG, cg_tol={tol:g}': (lambda *a, tol=tol: mesa(*a, cg_steps=steps, cg_tol=tol))
            for tol in ((1e-2, 1e-3) if steps == 30 else ())},
+        # the zero start at the tolerance whose error equals fla's 30-step error on these inputs (accuracy part)
+        **({f'chunk_mesa, {steps} CG, cg_init=zero': lambda *a: mesa(*a, cg_steps=steps, cg_init='zero'),
+            f'chunk_mesa, {steps} CG, cg_tol={ZERO_START_TOL:g}, cg_init=zero':
+                lambda *a: mesa(*a, cg_steps=steps, cg_tol=ZERO_START_TOL, cg_init='zero')} if steps == 30 else {}),
         **({f'chunk_mesa, {steps} CG, with the value checks': lambda *a: mesa(*a, cg_steps=steps, check_values=True),
             f'chunk_mesa, {steps} CG, fp32_backward=False': lambda *a: mesa(*a, cg_steps=steps, fp32_backward=False),
             f'chunk_mesa, {steps} CG, cg_precond=jacobi': lambda *a: mesa(*a, cg_steps=steps, cg_precond='jacobi')}
@@ -99,9 +107,10 @@ def accuracy(D, H=4, T=2048, tols=(1e-2, 3e-3, 1e-3, 1e-4)):
     for steps in (10, 30):
         rows.append((f'fla chunk_mesa_net, {steps} CG', err(chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps)[0]), steps))
         rows.append((f'chunk_mesa, {steps} CG', err(chunk_mesa(q, k, v, g, beta, lamb, cg_steps=steps)[0]), steps))
-    for tol in tols:
-        o, _, it = chunk_mesa(q, k, v, g, beta, lamb, cg_steps=30, cg_tol=tol, return_cg_iters=True)
-        rows.append((f'chunk_mesa, cg_tol={tol:g}', err(o), it.float().mean().item()))
+    for init, tol in [('jacobi', t) for t in tols] + [('zero', t) for t in (None, *tols)]:
+        o, _, it = chunk_mesa(q, k, v, g, beta, lamb, cg_steps=30, cg_tol=tol, cg_init=init, return_cg_iters=True)
+        rows.append((f"chunk_mesa, {'30 CG' if tol is None else f'cg_tol={tol:g}'}"
+                     f"{', cg_init=zero' if init == 'zero' else ''}", err(o), it.float().mean().item()))
     return rows
 
 
@@ -180,6 +189,7 @@ def graph_timed(fn, args, backward):
 
 
 GRAPHED = ('chunk_mesa, 30 CG', 'chunk_mesa, 30 CG, fp32_backward=False', 'chunk_mesa, 30 CG, cg_tol=0.01',
+           'chunk_mesa, 30 CG, cg_init=zero', f'chunk_mesa, 30 CG, cg_tol={ZERO_START_TOL:g}, cg_init=zero',
            'chunk_mesa, 30 CG, cg_precond=jacobi', 'fla chunk_mesa_net, 30 CG')
 
 
@@ -213,6 +223,8 @@ def speed(D, args):
     for tol in (1e-2, 1e-3):
         ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
         print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+    ours = times[f'chunk_mesa, 30 CG, cg_tol={ZERO_START_TOL:g}, cg_init=zero']
+    print(f"| cg_tol={ZERO_START_TOL:g}, cg_init=zero vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     ours = times['chunk_mesa, 30 CG, cg_precond=jacobi']
     print(f"| cg_precond=jacobi vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     if graphed:
