@@ -224,7 +224,8 @@ def speed(D, args):
         ours = times[f'chunk_mesa, 30 CG, cg_tol={tol:g}']
         print(f"| cg_tol={tol:g} vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     ours = times[f'chunk_mesa, 30 CG, cg_tol={ZERO_START_TOL:g}, cg_init=zero']
-    print(f"| cg_tol={ZERO_START_TOL:g}, cg_init=zero vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
+    print(f"| cg_tol={ZERO_START_TOL:g}, cg_init=zero vs fla's 30 CG | {ours[0] / fla[0]:.2f} "
+          f"| {ours[1] / fla[1]:.2f} |")
     ours = times['chunk_mesa, 30 CG, cg_precond=jacobi']
     print(f"| cg_precond=jacobi vs fla's 30 CG | {ours[0] / fla[0]:.2f} | {ours[1] / fla[1]:.2f} |")
     if graphed:
