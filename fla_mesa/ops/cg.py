@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fla_mesa.ops.chunk_index import chunk_position
 from fla_mesa.ops.scaled_states import state_parts
@@ -87,11 +88,13 @@ def _scaled_cols(b_a, PDT: tl.constexpr):
 
 
 @triton.jit
-def _system_product(b_p, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
+def _system_product(b_p, b_psc, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
     # (H_t + diag(lamb)) p_t for the program's rows: exp2(g_t) H_c p_t from the chunk-start state, plus the chunk's
     # keys up to t (decay holds exp2(g_t - g_s) beta_s, scaled), plus lamb * p_t. The keys and the state come
-    # `_scaled`, by sqrt(b_kc / decay's scale) and b_hsc
-    b_q, b_psc = _scaled_rows(b_p, b_k.dtype)
+    # `_scaled`, by sqrt(b_kc / decay's scale) and b_hsc; p is divided by b_psc, a power of two per row near the
+    # row's largest entry or its norm (either keeps the row inside float16's range and its rounding at 2^-11 of the
+    # row's norm)
+    b_q = (b_p * (1. / b_psc)[:, None]).to(b_k.dtype)
     b_s = (tl.dot(b_q, tl.trans(b_k)) * b_decay).to(b_k.dtype)
     b_y = (b_psc * b_eg * b_hsc)[:, None] * tl.dot(b_q, b_hm) + (b_psc * b_kc)[:, None] * tl.dot(b_s, b_k)
     return b_y + b_lamb[None, :] * b_p
@@ -106,6 +109,18 @@ def _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_hc, i_v, K: tl.constexpr, V: t
     b_v = tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
     b_hv = tl.load(h_kv + i_hc * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
     return b_v, b_hv
+
+
+if os.environ.get('TRITON_INTERPRET') == '1':  # the interpreter has no libdevice
+    @triton.jit
+    def _start_quotient(b_b, b_diag):
+        return b_b / b_diag
+else:
+    @triton.jit
+    def _start_quotient(b_b, b_diag):
+        # the Jacobi start b / diag: x_0 only starts CG (r_0 = b - A x_0 is formed from it), so div.approx's 2 ulp
+        # serve, without the range handling of div.full (`/`): 3.5% of the CG kernel at K = 64 (benchmarks/RESULTS.md)
+        return libdevice.fast_dividef(b_b, b_diag)
 
 
 @triton.jit
@@ -219,8 +234,9 @@ def chunk_cg_kernel(
                 b_dk = tl.dot(b_decay, b_k * b_k)
             b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * b_dk + b_lamb[None, :]
         if JACOBI:
-            b_x = b_b / b_diag
-            b_r = b_b - _system_product(b_x, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
+            b_x = _start_quotient(b_b, b_diag)
+            b_r = b_b - _system_product(b_x, _pow2(tl.max(tl.abs(b_x), 1)), b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg,
+                                        b_lamb)
         else:
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
@@ -228,11 +244,16 @@ def chunk_cg_kernel(
         b_p, b_rz = precondition(b_r, b_rs, b_diag, PRECOND)
         b_thresh = tol_sq * b_rs
 
+        # plain CG scales p's rows by their norms, which its recurrence gives without a reduction over K: p_0 = r_0,
+        # and ||p_k+1||^2 = ||r_k+1||^2 + beta_k^2 ||p_k||^2 since r_k+1 . p_k = 0 (5% of the loop's instructions
+        # at K = 64); preconditioned, p_k+1 = z_k+1 + beta_k p_k with z_k+1 . p_k != 0, so each row's largest entry
+        b_pn = b_rs
         i = 0
         todo = tl.max(b_rs - b_thresh, 0) > 0
         while (i < steps) & todo:
             b_active = b_rs > b_thresh
-            b_ap = _system_product(b_p, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
+            b_psc = _pow2(tl.max(tl.abs(b_p), 1)) if PRECOND else _pow2(tl.sqrt(b_pn))
+            b_ap = _system_product(b_p, b_psc, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
             b_pap = tl.sum(b_p * b_ap, 1)
             b_alpha = tl.where(b_active & (b_pap > 0), b_rz / tl.where(b_pap > 0, b_pap, 1.), 0.)
             b_x += b_alpha[:, None] * b_p
@@ -241,6 +262,7 @@ def chunk_cg_kernel(
             b_z, b_rz_new = precondition(b_r, b_rs_new, b_diag, PRECOND)
             b_cg_beta = tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.)
             b_p = tl.where(b_active[:, None], b_z + b_cg_beta[:, None] * b_p, b_p)
+            b_pn = tl.where(b_active, b_rs_new + b_cg_beta * b_cg_beta * b_pn, b_pn)
             b_cnt += b_active.to(tl.int32)
             b_rs = tl.where(b_active, b_rs_new, b_rs)
             b_rz = tl.where(b_active, b_rz_new, b_rz)
