@@ -1,7 +1,7 @@
 """Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the
 emulations benchmarks/ops/tf32_emulation.py and half_states_emulation.py, of the preconditioning study
-benchmarks/ops/cg_preconditioning.py and of the SASS loop count of benchmarks/ops/kernel_resources.py, and the CG and
-GLA-gradient benchmarks' kernel launches."""
+benchmarks/ops/cg_preconditioning.py and of the SASS loop count of benchmarks/ops/kernel_resources.py, the Nsight
+Compute reader of benchmarks/ops/ncu_mesa.py, and the CG and GLA-gradient benchmarks' kernel launches."""
 
 import json
 import math
@@ -147,6 +147,42 @@ def test_kernel_resources_counts_the_first_loop():
     assert ops == {'LDS': 2, 'HMMA': 1, 'BRA': 2, 'STL': 1, 'LDL': 1}
     assert res.count_first_loop(SASS.splitlines()[9:]) == {'HGMMA': 1, 'BRA': 1}
     assert res.count_first_loop(SASS.splitlines()[:5]) is None  # a forward branch only: no loop
+
+
+NCU_DETAILS = """
+  k1 (32, 128, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    DRAM Throughput                   %        20.50
+    Duration                         us       261.44
+    Section: Compute Workload Analysis
+    Issue Slots Busy               %        41.58
+    Section: Launch Statistics
+    Registers Per Thread             register/thread             255
+"""
+NCU_SASS = """"Kernel Name","k1",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_long_sb","stall_wait",\
+"stall_wait (Not Issued)"
+"0x0","      LDG.E R1, desc[UR4][R2.64]","30","4","30","0","7"
+"0x10","      FMUL R1, R1, R1","10","40","0","10","0"
+"0x20","      @P0 BRA 0x10","5","40","0","5","0"
+"0x30","      STG.E desc[UR4][R2.64], R1","8","4","8","0","0"
+""".replace('\\\n', '')
+
+
+def test_ncu_reader_splits_each_kernel_at_its_loop(tmp_path, capsys):
+    ncu = load(os.path.join(ROOT, 'benchmarks', 'ops', 'ncu_mesa.py'), 'ops_ncu_mesa')
+    (name, rows), = ncu.sass_sections(NCU_SASS)
+    parts = ncu.split(rows)
+    assert name == 'k1' and [len(v) for v in parts.values()] == [1, 2, 1]
+    assert ncu.opcode_summary(parts['loop']) == 'FMUL 67%, BRA 33%'
+    assert ncu.stall_summary(rows) == 'long_sb 72%, wait 28%'  # the not-issued column is a subset: not counted
+    assert list(ncu.split(rows[:1])) == ['no loop']
+    (tmp_path / 'd.txt').write_text(NCU_DETAILS)
+    (tmp_path / 's.csv').write_text(NCU_SASS)
+    ncu.read(str(tmp_path / 'd.txt'), str(tmp_path / 's.csv'))
+    out = capsys.readouterr().out
+    assert '| k1 | 261.44 us | 41.58 % | 20.50 % |  | 255 |  |' in out
+    assert '| k1 | before the loop | 57% | 4 | long_sb 100% |' in out and '| k1 | loop | 28% | 80 | wait 100% |' in out
 
 
 class _KernelCall:
