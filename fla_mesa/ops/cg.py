@@ -124,12 +124,13 @@ else:
 
 
 @triton.jit
-def precondition(b_r, b_rs, b_diag, PRECOND: tl.constexpr):
-    # (z, r . z) over the last dim: z = r / diag with PRECOND (CG preconditioned with M = diag(H_t + diag(lamb)),
-    # b_diag holding it), else z = r and r . z = r . r = b_rs; shared by the chunk and the decoding kernels
+def precondition(b_r, b_rs, b_dinv, PRECOND: tl.constexpr):
+    # (z, r . z) over the last dim: z = r * dinv with PRECOND (CG preconditioned with M = diag(H_t + diag(lamb)),
+    # b_dinv holding 1 / M, formed once: a multiply an iteration, not a division), else z = r and r . z = b_rs;
+    # shared by the chunk and the decoding kernels
     b_z, b_rz = b_r, b_rs
     if PRECOND:
-        b_z = b_r / b_diag
+        b_z = b_r * b_dinv
         b_rz = tl.sum(b_r * b_z, -1)
     return b_z, b_rz
 
@@ -221,7 +222,8 @@ def chunk_cg_kernel(
             b_hcol = tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=1.)
             b_hm *= b_hcol[None, :]
         b_hm, b_hsc = _scaled(b_hm, PDT)
-        b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start and the preconditioner
+        b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start
+        b_dinv = None  # its inverse, the preconditioner
         if JACOBI or PRECOND:
             b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
             if SCALED_STATES:
@@ -233,6 +235,8 @@ def chunk_cg_kernel(
             else:
                 b_dk = tl.dot(b_decay, b_k * b_k)
             b_diag = b_eg[:, None] * b_hdiag[None, :] + b_dsc * b_dk + b_lamb[None, :]
+            if PRECOND:
+                b_dinv = 1. / b_diag
         if JACOBI:
             b_x = _start_quotient(b_b, b_diag)
             b_r = b_b - _system_product(b_x, _pow2(tl.max(tl.abs(b_x), 1)), b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg,
@@ -241,7 +245,7 @@ def chunk_cg_kernel(
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
         b_rs = tl.sum(b_r * b_r, 1)
-        b_p, b_rz = precondition(b_r, b_rs, b_diag, PRECOND)
+        b_p, b_rz = precondition(b_r, b_rs, b_dinv, PRECOND)
         b_thresh = tol_sq * b_rs
 
         # plain CG scales p's rows by their norms, which its recurrence gives without a reduction over K: p_0 = r_0,
@@ -259,7 +263,7 @@ def chunk_cg_kernel(
             b_x += b_alpha[:, None] * b_p
             b_r -= b_alpha[:, None] * b_ap
             b_rs_new = tl.sum(b_r * b_r, 1)
-            b_z, b_rz_new = precondition(b_r, b_rs_new, b_diag, PRECOND)
+            b_z, b_rz_new = precondition(b_r, b_rs_new, b_dinv, PRECOND)
             b_cg_beta = tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.)
             b_p = tl.where(b_active[:, None], b_z + b_cg_beta[:, None] * b_p, b_p)
             b_pn = tl.where(b_active, b_rs_new + b_cg_beta * b_cg_beta * b_pn, b_pn)

@@ -146,7 +146,8 @@ def fused_recurrent_mesa_fwd_kernel(
         if CG_INIT == 0:
             b_x = b_q
         else:
-            b_diag += b_lamb  # diag(H_t + diag(lamb)): the Jacobi start's divisor and the preconditioner
+            b_diag += b_lamb  # diag(H_t + diag(lamb)): the Jacobi start's divisor; its inverse, the preconditioner
+            b_dinv = 1. / b_diag
             if CG_INIT == 1:
                 b_x = b_q / b_diag
                 # r0 = q - (H + diag(lamb)) x0
@@ -159,7 +160,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_x = tl.zeros([BK], dtype=tl.float32)
                 b_r = b_q
             b_rs = tl.sum(b_r * b_r)
-            b_p, b_rz = precondition(b_r, b_rs, b_diag, PRECOND)
+            b_p, b_rz = precondition(b_r, b_rs, b_dinv, PRECOND)
             # stop once ||r|| <= max(cg_tol, eps) ||r_0|| (cg_tol2 is its square): past the machine-precision
             # floor the recursive residual underflows and CG diverges
             b_thresh = cg_tol2 * b_rs
@@ -175,7 +176,7 @@ def fused_recurrent_mesa_fwd_kernel(
                 b_x = b_x + b_alpha * b_p
                 b_r = b_r - b_alpha * b_Ap
                 b_rs = tl.sum(b_r * b_r)
-                b_z, b_rz_new = precondition(b_r, b_rs, b_diag, PRECOND)
+                b_z, b_rz_new = precondition(b_r, b_rs, b_dinv, PRECOND)
                 b_p = b_z + tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.) * b_p
                 b_rz = b_rz_new
                 i_it += 1
