@@ -295,9 +295,9 @@ def chunk_mesa(
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
             across channels it took 11 iterations a token instead of 31 to the float32 floor; with one lamb per head
             it gains nothing, and in the demo's trained model (lamb within 1.08x) it took 7-20% more iterations.
-            On an H200 (D=128, lamb spread as above) it took 0.47x fla `chunk_mesa_net`'s time forward, where plain
-            CG, capped at 30 iterations, took 0.83x; with lamb = 1 it costs 9% (D=128, H100) to 24% (D=64, H200)
-            of the forward (benchmarks/RESULTS.md).
+            On an H200 (D=128, lamb spread as above) it took 0.36x fla `chunk_mesa_net`'s time forward, where plain
+            CG, capped at 30 iterations, took 0.49x; with lamb = 1 its CG kernel takes 14% (D=128) to 22% (D=64)
+            longer than plain CG's (benchmarks/RESULTS.md).
         initial_state (tuple | None): `(h_kk [N, H, K, K], h_kv [N, H, K, V])`, N = B, or the number of
             sequences with `cu_seqlens`.
         output_final_state (bool): also return the final state, in the same format.
