@@ -74,9 +74,15 @@ def _scaled(b_a, PDT: tl.constexpr):
 
 
 @triton.jit
+def _row_scales(b_a):
+    # a power of two per row, near the row's largest magnitude
+    return _pow2(tl.max(tl.abs(b_a), 1))
+
+
+@triton.jit
 def _scaled_rows(b_a, PDT: tl.constexpr):
     # `_scaled` with one power of two per row
-    b_sc = _pow2(tl.max(tl.abs(b_a), 1))
+    b_sc = _row_scales(b_a)
     return (b_a * (1. / b_sc)[:, None]).to(PDT), b_sc
 
 
@@ -239,8 +245,7 @@ def chunk_cg_kernel(
                 b_dinv = 1. / b_diag
         if JACOBI:
             b_x = _start_quotient(b_b, b_diag)
-            b_r = b_b - _system_product(b_x, _pow2(tl.max(tl.abs(b_x), 1)), b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg,
-                                        b_lamb)
+            b_r = b_b - _system_product(b_x, _row_scales(b_x), b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
         else:
             b_x = tl.zeros([BR, BK], dtype=tl.float32)
             b_r = b_b
@@ -256,7 +261,7 @@ def chunk_cg_kernel(
         todo = tl.max(b_rs - b_thresh, 0) > 0
         while (i < steps) & todo:
             b_active = b_rs > b_thresh
-            b_psc = _pow2(tl.max(tl.abs(b_p), 1)) if PRECOND else _pow2(tl.sqrt(b_pn))
+            b_psc = _row_scales(b_p) if PRECOND else _pow2(tl.sqrt(b_pn))
             b_ap = _system_product(b_p, b_psc, b_kq, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb)
             b_pap = tl.sum(b_p * b_ap, 1)
             b_alpha = tl.where(b_active & (b_pap > 0), b_rz / tl.where(b_pap > 0, b_pap, 1.), 0.)
