@@ -154,7 +154,12 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     # the forward's chunk states again (from float32 beta * v and beta * k, as the forward formed them), stored as the
     # forward stored them, except for fla's primitives (fp32_backward=False), which read float32 states only
     states = dict(varlen, scaled=fp32_backward and scaled_states(k))
-    h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
+    h_kk = None
+    if through_h and states['scaled'] and v.shape == k.shape:
+        # both scans from one launch; H's float16 states wait through S's pass, which is not the backward's peak
+        (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, **states)
+    else:
+        h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     if fp32_backward:
         dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size)
         dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
@@ -163,7 +168,8 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
         dx, dk_s, dvb, dg, dh0_kv = _gla_bwd(xq, k, vb, h_kv, h0_kv, do, dht_kv, gc, **varlen)
         del vb, h_kv
-    h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)[0] if through_h else None
+    if through_h and h_kk is None:
+        h_kk = chunk_states_fwd(k, k, beta, gc, h0_kk, **states)[0]
     # H's side (the solve's states serve it too) has "output gradient" -u; without CG steps it runs only for a
     # final-state gradient, with u = 0. fp32_backward's pass takes u itself: the pass of +u and -dht, negated
     dy_dtype = None if fp32_backward else k.dtype
@@ -186,7 +192,8 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
                           **varlen)
             dh0_kk = None if dh0_u is None else -dh0_u
         B, T, H = beta.shape
-        dg, dbeta = dg.sum(0).view(B, T, H), dbeta.sum(0).view(B, T, H)
+        # sums over key and value blocks; one block (D <= 64) needs no reduction
+        dg, dbeta = ((t[0] if len(t) == 1 else t.sum(0)).view(B, T, H) for t in (dg, dbeta))
     else:
         dk_h = dkb = None
         if through_h:
