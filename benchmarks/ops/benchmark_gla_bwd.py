@@ -56,7 +56,7 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
     else:
         dw, dbeta = torch.zeros_like(src), torch.zeros(triton.cdiv(src.shape[-1], BV), n_rows, device=src.device)
         gla_backward.gla_bwd_dw_kernel[(triton.cdiv(src.shape[-1], BV), NT, B * H)](
-            d['x'], d['k'], src, d['beta'], do, d['dh'], d['gc'], dw, dbeta, **common)
+            d['x'], d['k'], src, d['beta'], do, d['dh'], d['gc'], dw, dw, dbeta, **common)
 
 
 def configs(D):

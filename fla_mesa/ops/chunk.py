@@ -180,17 +180,24 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
                                  cu_seqlens, chunk_indices, chunk_size, cg_precond=cg_precond)
         del dx
-        dq, dy, dlamb = bwd_solve(u, x, q.dtype, dy_dtype)
-        dy = u if fp32_backward else dy
+        if fp32_backward:
+            dy = u
+        else:
+            dq, dy, dlamb = bwd_solve(u, x, q.dtype, dy_dtype)
         del u
     dh0_kk = None
     if fp32_backward:
         if through_h:
             dh_u, dh0_u = _state_grads(x, k, k, dy, h0_kk, None if dht_kk is None else -dht_kk, gc, cu_seqlens,
                                        chunk_size)
-            chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True, with_dq=False,
-                          **varlen)
+            # the last pass over dk: it stores k's gradient in k's dtype, no cast after it
+            dk = chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True,
+                               with_dq=False, dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None,
+                               **varlen)[1]
             dh0_kk = None if dh0_u is None else -dh0_u
+            del dh_u
+        if cg_steps > 0:  # dq after H's pass, not held through it (the backward's peak of memory)
+            dq, _, dlamb = bwd_solve(dy, x, q.dtype, None)
         B, T, H = beta.shape
         # sums over key and value blocks; one block (D <= 64) needs no reduction
         dg, dbeta = ((t[0] if len(t) == 1 else t.sum(0)).view(B, T, H) for t in (dg, dbeta))

@@ -91,12 +91,12 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, gc, dq, dk, dg, cu_se
 
 
 @triton.jit(do_not_specialize=['T'])
-def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
+def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_in, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program: BV value columns of one chunk of one head. dw, the gradient of w = beta * w_src, goes out as
-    # beta * dw, the gradient of w_src (stored, or added to dw_out), and as this block's share of
-    # dbeta = sum_V dw * w_src (added to dbeta)
+    # beta * dw, the gradient of w_src (stored in dw_out, or with dw_in added: dw_in may be dw_out), and as this
+    # block's share of dbeta = sum_V dw * w_src (added to dbeta)
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
@@ -140,7 +140,7 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_out, dbeta, cu_seqlens, 
     p_db = dbeta + i_v * n_rows + row
     b_db += tl.load(p_db, mask=m_t, other=0.)  # zeros from the first call: the two sides' V blocks may differ
     if ACCUMULATE:
-        b_dsrc += tl.load(dw_out + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_dsrc += tl.load(dw_in + p_tv, mask=m_tv, other=0.).to(tl.float32)
     tl.store(dw_out + p_tv, b_dsrc.to(dw_out.dtype.element_ty), mask=m_tv)
     tl.store(p_db, b_db, mask=m_t)
 
@@ -170,6 +170,7 @@ def chunk_gla_bwd(
     acc: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     negate: bool = False,
     with_dq: bool = True,
+    dv_out: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
@@ -186,11 +187,13 @@ def chunk_gla_bwd(
             gradient to `dv` (pass the earlier `dk` as `dv` when v is k).
         negate: return the gradients of -do (the caller passes dh of -do as well).
         with_dq: compute q's gradient.
+        dv_out: where v's gradient goes, `[B, T, H, V]` in any float dtype (default: a new tensor in v's dtype, or
+            `acc`'s `dv`, in place). The backward's last pass stores k's gradient there in k's dtype, with no cast.
     Returns:
-        `(dq, dv, dk, dg, dbeta)`: dq `[B, T, H, K]` float32 or None; dv, v's gradient `beta * dw` (new, in v's dtype,
-        or `acc`'s); dk `[B, T, H, K]` float32; dg `[NK, B * T * H]` float32, the gradient of the natural-log
-        chunk-local cumulative gate in sums over key blocks; dbeta `[NV, B * T * H]` float32 in sums over value
-        blocks (take `.sum(0)` of both).
+        `(dq, dv, dk, dg, dbeta)`: dq `[B, T, H, K]` float32 or None; dv, v's gradient `beta * dw` (plus `acc`'s dv),
+        in `dv_out` or as the default above; dk `[B, T, H, K]` float32; dg `[NK, B * T * H]` float32, the gradient of
+        the natural-log chunk-local cumulative gate in sums over key blocks; dbeta `[NV, B * T * H]` float32 in sums
+        over value blocks (take `.sum(0)` of both).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -198,20 +201,23 @@ def chunk_gla_bwd(
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     n_rows = B * T * H
     dqkg, dw = launch_configs(K, V)
+    if dv_out is not None and dv_out.shape != v.shape:
+        raise ValueError(f"chunk_gla_bwd: `dv_out` must have v's shape {tuple(v.shape)}, got {tuple(dv_out.shape)}")
     if acc is None:
-        dv = torch.empty_like(v)
+        dv_in = None
         dk = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
         dg = torch.empty(triton.cdiv(K, dqkg['BK']), n_rows, dtype=torch.float32, device=k.device)
         # a row per value block of either side (H's, value k, adds into this buffer)
         dbeta = torch.zeros(triton.cdiv(max(K, V), dw['BV']), n_rows, dtype=torch.float32, device=k.device)
     else:
-        dv, dk, dg, dbeta = acc
+        dv_in, dk, dg, dbeta = acc
+    dv = dv_out if dv_out is not None else torch.empty_like(v) if dv_in is None else dv_in
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V,
                   BT=chunk_size, NEGATE=negate, IS_VARLEN=cu_seqlens is not None)
     gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, hsc, dh, gc, dq, dk, dg,
                                                                   STORE_DQ=with_dq, ACCUMULATE=acc is not None,
                                                                   SCALED_STATES=hsc is not None, **common, **dqkg)
-    gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, gc, dv, dbeta,
-                                                             ACCUMULATE=acc is not None, **common, **dw)
+    gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, gc, dv if dv_in is None else dv_in,
+                                                             dv, dbeta, ACCUMULATE=acc is not None, **common, **dw)
     return dq, dv, dk, dg, dbeta
