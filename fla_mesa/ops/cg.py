@@ -271,7 +271,8 @@ def chunk_cg_kernel(
             b_z, b_rz_new = precondition(b_r, b_rs_new, b_dinv, PRECOND)
             b_cg_beta = tl.where(b_rz > 0, b_rz_new / tl.where(b_rz > 0, b_rz, 1.), 0.)
             b_p = tl.where(b_active[:, None], b_z + b_cg_beta[:, None] * b_p, b_p)
-            b_pn = tl.where(b_active, b_rs_new + b_cg_beta * b_cg_beta * b_pn, b_pn)
+            if not PRECOND:
+                b_pn = tl.where(b_active, b_rs_new + b_cg_beta * b_cg_beta * b_pn, b_pn)
             b_cnt += b_active.to(tl.int32)
             b_rs = tl.where(b_active, b_rs_new, b_rs)
             b_rz = tl.where(b_active, b_rz_new, b_rz)

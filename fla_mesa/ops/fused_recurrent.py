@@ -147,7 +147,9 @@ def fused_recurrent_mesa_fwd_kernel(
             b_x = b_q
         else:
             b_diag += b_lamb  # diag(H_t + diag(lamb)): the Jacobi start's divisor; its inverse, the preconditioner
-            b_dinv = 1. / b_diag
+            b_dinv = None
+            if PRECOND:
+                b_dinv = 1. / b_diag
             if CG_INIT == 1:
                 b_x = b_q / b_diag
                 # r0 = q - (H + diag(lamb)) x0
