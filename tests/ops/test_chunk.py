@@ -287,6 +287,14 @@ def test_check_values_false_skips_only_the_value_checks(override, match):
         chunk_mesa(**{**args, **override}, check_values=False)
 
 
+def test_gla_backward_rejects_dv_out_of_another_shape():
+    # the backward's GLA gradient passes (Triton): the check runs before any launch, so it holds on the CPU too
+    from fla_mesa.ops.gla_backward import chunk_gla_bwd
+    x, row, state = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2), torch.zeros(1, 1, 2, 4, 4)
+    with pytest.raises(ValueError, match="`dv_out` must have v's shape"):
+        chunk_gla_bwd(x, x, x, row, x, state, state, row, dv_out=torch.zeros(1, 8, 2, 5))
+
+
 def test_bad_cu_seqlens_values():
     q, k, v, g, beta, lamb, _ = make_inputs(1, 8, 2, 4, 4)
     with pytest.raises(ValueError, match='`cu_seqlens`: expected non-decreasing offsets'):
