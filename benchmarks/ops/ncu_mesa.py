@@ -140,18 +140,19 @@ def read(details_path: str, sass_path: str):
         print(f"| {k['kernel']} | " + ' | '.join(k.get(key, '') for key in ('time', 'issue busy', 'DRAM',
                                                                               'occupancy', 'registers',
                                                                               'eligible warps')) + ' |')
+    parts = [(name, rows, split(rows)) for name, rows in sections]
     print("\n| kernel | part | samples | warp instructions | top stalls |\n|---|---|---|---|---|")
-    for name, rows in sections:
+    for name, rows, split_rows in parts:
         total = sum(int(r[SAMPLES]) for r in rows) or 1
-        for part, part_rows in split(rows).items():
+        for part, part_rows in split_rows.items():
             n = sum(int(r[SAMPLES]) for r in part_rows)
             if n:
                 print(f"| {name} | {part} | {n / total:.0%} | {sum(int(r[EXECUTED]) for r in part_rows)} | "
                       f"{stall_summary(part_rows)} |")
     print("\n| kernel | the loop's samples by opcode |\n|---|---|")
-    for name, rows in sections:
-        if 'loop' in split(rows):
-            print(f"| {name} | {opcode_summary(split(rows)['loop'])} |")
+    for name, _, split_rows in parts:
+        if 'loop' in split_rows:
+            print(f"| {name} | {opcode_summary(split_rows['loop'])} |")
 
 
 def main():
