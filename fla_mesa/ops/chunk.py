@@ -6,8 +6,9 @@ two per column for half-precision inputs at K <= 64, `scaled_states`); x = (H_t 
 Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t + diag(lamb))^{-1} dx_t by one more CG
 solve; the H-side gradients from one GLA backward with "output gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb =
 -sum_t u_t * x_t. Nothing is differentiated through the CG iterations: the gradients are those of the exact solve.
-On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh` (float32), beside the chunk states of our
-state kernel recomputed as the forward stored them (float32 for fla's primitives, `fp32_backward=False`). The per-chunk
+On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh` (float32), or where the states are
+scaled from our reverse scan in the same storage, beside the chunk states of our state kernel recomputed as the
+forward stored them (float32 for fla's primitives, `fp32_backward=False`). The per-chunk
 gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
 float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
 dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s
@@ -21,7 +22,7 @@ from fla_mesa.ops import cg
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
-from fla_mesa.ops.states import chunk_state_pair_fwd, chunk_states_fwd
+from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
 from fla_mesa.ops.utils import check_inputs, l2norm
@@ -135,9 +136,12 @@ def _gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
     return dq, dk, dv, dg, dh0
 
 
-def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size):
-    """fla's `chunk_bwd_dh`: the float32 gradients of the chunk-end states [B, NT, H, K, V] and of h0. It casts do to
-    q's dtype itself, so x (float32) with half-precision do needs no copy; k and v give only the shapes."""
+def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices=None, scaled=False):
+    """The gradients of the chunk-start states [B, NT, H, K, V] and of h0: as `ScaledStates` from our
+    `chunk_state_grads_bwd` where the states are scaled, else float32 from fla's `chunk_bwd_dh`. Both cast do to
+    q's dtype themselves, so x (float32) with half-precision do needs no copy; k and v give only the shapes."""
+    if scaled:
+        return chunk_state_grads_bwd(q, do, g, dht, h0 is not None, cu_seqlens, chunk_indices, chunk_size)
     from fla.ops.common.chunk_h import chunk_bwd_dh
     return chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=h0, dht=dht, scale=1.0, g=g, cu_seqlens=cu_seqlens,
                         chunk_size=chunk_size, states_in_fp32=True)
@@ -161,7 +165,8 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     else:
         h_kv, _ = chunk_states_fwd(k, v, beta, gc, h0_kv, **states)
     if fp32_backward:
-        dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size)
+        dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size, chunk_indices,
+                                     states['scaled'])
         dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
         del h_kv, dh_kv  # here and below: each temporary goes as soon as it is used, for the peak memory
     else:  # fla's GLA backward passes on operands in the inputs' dtype
@@ -189,7 +194,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     if fp32_backward:
         if through_h:
             dh_u, dh0_u = _state_grads(x, k, k, dy, h0_kk, None if dht_kk is None else -dht_kk, gc, cu_seqlens,
-                                       chunk_size)
+                                       chunk_size, chunk_indices, states['scaled'])
             # the last pass over dk: it stores k's gradient in k's dtype, no cast after it
             dk = chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True,
                                with_dq=False, dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None,

@@ -5,8 +5,8 @@ gradient -u) need float32 products for gradients as accurate as fla's MesaNet's 
 `chunk_bwd_dqkwg` / `chunk_bwd_dv` multiply their operands in the operands' own dtype, so with fla they took float32
 copies of k, beta * k, beta * v and do in memory. These two kernels read each operand in its own dtype (bf16 k, v, do;
 float32 x, u and states), form beta * v in registers, multiply in float32 (tf32 tensor cores) and add H's side's
-gradients into S's buffers, so no copy and no partial gradient of one side is kept. fla's `chunk_bwd_dh` still gives
-the state gradients: it already casts do to x's dtype itself.
+gradients into S's buffers, so no copy and no partial gradient of one side is kept. The state gradients come from
+fla's `chunk_bwd_dh` (float32; it already casts do to x's dtype itself) or, scaled, from `chunk_state_grads_bwd`.
 
 Per chunk of BT tokens (t, s in the chunk, s <= t), with G the chunk-local cumulative log2 gate, w = beta * value, h
 the chunk-start state and dh the gradient of the chunk-end state:
@@ -26,10 +26,10 @@ from fla_mesa.ops.scaled_states import state_parts
 
 
 @triton.jit(do_not_specialize=['T'])
-def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
+def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, STORE_DQ: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr,
-                        SCALED_STATES: tl.constexpr, IS_VARLEN: tl.constexpr):
+                        SCALED_STATES: tl.constexpr, SCALED_DH: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program: BK key columns of one chunk of one head; dq, dk [rows, BK] and this block's share of dG
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -62,6 +62,8 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, gc, dq, dk, dg, cu_se
         if SCALED_STATES:  # float16 values times a power of two per column (`ScaledStates`)
             b_h *= tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)[None, :]
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.).to(tl.float32)
+        if SCALED_DH:
+            b_dh *= tl.load(dhsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)[None, :]
         b_hdh += tl.sum(b_h * b_dh, 1)
         b_ds += tl.dot(b_do, tl.trans(b_w))
         b_dq += tl.dot(b_do, tl.trans(b_h))
@@ -91,9 +93,10 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, gc, dq, dk, dg, cu_se
 
 
 @triton.jit(do_not_specialize=['T'])
-def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_in, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
+def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                      BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr, IS_VARLEN: tl.constexpr):
+                      BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr, SCALED_DH: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
     # one program: BV value columns of one chunk of one head. dw, the gradient of w = beta * w_src, goes out as
     # beta * dw, the gradient of w_src (stored in dw_out, or with dw_in added: dw_in may be dw_out), and as this
     # block's share of dbeta = sum_V dw * w_src (added to dbeta)
@@ -117,6 +120,8 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_in, dw_out, dbeta, cu_se
     b_src = tl.load(w_src + p_tv, mask=m_tv, other=0.)
     b_dw = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)  # b_a[s, t] = k_s . q_t
+    if SCALED_DH:
+        b_dhsc = tl.load(dhsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -126,6 +131,8 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, gc, dw_in, dw_out, dbeta, cu_se
         b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
         b_dh = tl.load(dh + p_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                        other=0.).to(tl.float32)
+        if SCALED_DH:
+            b_dh *= b_dhsc[None, :]
         b_dw += tl.dot(b_k, b_dh)
         b_a += tl.dot(b_k, tl.trans(b_q))
     b_dw *= tl.where(m_t, tl.exp2(b_g_last - b_g), 0.)[:, None]
@@ -181,7 +188,8 @@ def chunk_gla_bwd(
         q: `[B, T, H, K]` (x, float32). k: `[B, T, H, K]`. v: the value's source `[B, T, H, V]`. beta: `[B, T, H]`.
         do: the output gradient `[B, T, H, V]`. Any float dtypes.
         h: chunk-start states `[B, NT, H, K, V]` float32, or `ScaledStates`; dh: the gradients of the
-            chunk-end states `[B, NT, H, K, V]` float32 (fla's `chunk_bwd_dh`). gc: the chunk-local cumulative
+            chunk-end states `[B, NT, H, K, V]` float32 (fla's `chunk_bwd_dh`), or `ScaledStates`
+            (`chunk_state_grads_bwd`). gc: the chunk-local cumulative
             log2 gate `[B, T, H]` float32.
         acc: None, or `(dv, dk, dg, dbeta)` of an earlier call: this pass's gradients are added to them in place, v's
             gradient to `dv` (pass the earlier `dk` as `dv` when v is k).
@@ -197,7 +205,7 @@ def chunk_gla_bwd(
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
-    h, hsc = state_parts(h)
+    (h, hsc), (dh, dhsc) = state_parts(h), state_parts(dh)
     NT = triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices)
     n_rows = B * T * H
     dqkg, dw = launch_configs(K, V)
@@ -215,9 +223,12 @@ def chunk_gla_bwd(
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V,
                   BT=chunk_size, NEGATE=negate, IS_VARLEN=cu_seqlens is not None)
-    gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, hsc, dh, gc, dq, dk, dg,
-                                                                  STORE_DQ=with_dq, ACCUMULATE=acc is not None,
-                                                                  SCALED_STATES=hsc is not None, **common, **dqkg)
-    gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, gc, dv if dv_in is None else dv_in,
-                                                             dv, dbeta, ACCUMULATE=acc is not None, **common, **dw)
+    gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, hsc, dh, dhsc, gc, dq, dk,
+                                                                  dg, STORE_DQ=with_dq, ACCUMULATE=acc is not None,
+                                                                  SCALED_STATES=hsc is not None,
+                                                                  SCALED_DH=dhsc is not None, **common, **dqkg)
+    gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, dhsc, gc,
+                                                             dv if dv_in is None else dv_in, dv, dbeta,
+                                                             ACCUMULATE=acc is not None, SCALED_DH=dhsc is not None,
+                                                             **common, **dw)
     return dq, dv, dk, dg, dbeta

@@ -7,6 +7,7 @@ products, as fla's float32 path). With `scaled=True` it stores each state in flo
 (value channel) in a float32 side tensor: half the bytes for every kernel that reads them, for errors within the
 products' own rounding (benchmarks/ops/half_states_emulation.py); the recurrence itself stays float32 in registers.
 `chunk_state_pair_fwd` runs H's and S's scans (values k and v) side by side from one launch, for the forward.
+`chunk_state_grads_bwd` is the backward's reverse scan, the gradients of the chunk-start states, stored the same way.
 """
 
 import torch
@@ -98,6 +99,128 @@ def chunk_states_kernel(
 
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=['T'])
+def chunk_state_grads_kernel(
+    q,
+    do,
+    gc,
+    dht,
+    dh,
+    dhsc,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    # one program: BV columns of one sequence's and head's state gradient, all K rows (the column's scale needs them)
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        boh = (i_n * tl.cdiv(T, BT)).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh = tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+
+    for i_t in range(NT - 1, -1, -1):
+        # dh_c, the gradient of chunk c's start state, is 2^G_last dh_c+1 + sum_t 2^G_t q_t do_t^T over chunk c
+        b_sc = _pow2(tl.max(tl.abs(b_dh), 0))
+        tl.store(dhsc + ((boh + i_t) * H + i_h) * V + o_v, b_sc, mask=m_v)
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, (b_dh * (1. / b_sc)[None, :]).to(tl.float16), mask=m_kv)
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        row = (bos + o_t) * H + i_h
+        b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
+        b_g_last = tl.load(gc + (bos + tl.minimum((i_t + 1) * BT, T) - 1) * H + i_h).to(tl.float32)
+        b_q = tl.load(q + row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.).to(tl.float32)
+        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
+        b_dh = tl.dot(b_q * tl.exp2(b_g)[None, :], b_do, b_dh * tl.exp2(b_g_last))
+
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
+
+
+def chunk_state_grads_bwd(
+    q: torch.Tensor,
+    do: torch.Tensor,
+    gc: torch.Tensor,
+    dht: torch.Tensor | None = None,
+    with_dh0: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[ScaledStates, torch.Tensor | None]:
+    r"""Triton: the gradients of the chunk-start states of a GLA pass o_t = 2^G_t q_t S_c + (in-chunk terms), from
+    its output gradient, stored as `ScaledStates` (float16, a power of two per column) for the gradient kernels,
+    which multiply them in tf32: float16's 11-bit significand rounded to nearest holds what tf32 keeps of float32
+    (fla's `chunk_bwd_dh` stores float32 or the inputs' half dtype only), at half the bytes written and read.
+
+    Args:
+        q: the pass's query `[B, T, H, K]` (x), K <= 64. do: `[B, T, H, V]`. Any float dtypes.
+        gc: chunk-local cumulative log2 gate `[B, T, H]`. dht: the final states' gradient `[N, H, K, V]` or None.
+        with_dh0: also return the initial states' gradient. cu_seqlens: `[N + 1]` offsets of packed sequences (B = 1).
+    Returns:
+        the chunk-start states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
+        varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
+    """
+    from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    if K > 64:
+        raise ValueError(f"chunk_state_grads_bwd: expected K <= 64 (one program holds a whole column), got K={K}")
+    if cu_seqlens is None:
+        N, NT, chunk_offsets = B, triton.cdiv(T, chunk_size), None
+    else:
+        if chunk_indices is None:
+            chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+        N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
+    dh = q.new_empty(B, NT, H, K, V, dtype=torch.float16)
+    dhsc = q.new_empty(B, NT, H, V, dtype=torch.float32)
+    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if with_dh0 else None
+    cfg = state_grads_launch_config(V)
+    chunk_state_grads_kernel[(triton.cdiv(V, cfg['BV']), N * H)](
+        q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_offsets,
+        T=T,
+        H=H,
+        K=K,
+        V=V,
+        BT=chunk_size,
+        BK=max(16, triton.next_power_of_2(K)),
+        USE_FINAL_STATE_GRADIENT=dht is not None,
+        STORE_INITIAL_STATE_GRADIENT=with_dh0,
+        IS_VARLEN=cu_seqlens is not None,
+        **cfg,
+    )
+    return ScaledStates(dh, dhsc), dh0
+
+
+def state_grads_launch_config(V: int) -> dict:
+    """`chunk_state_grads_kernel`'s value tile, warps and stages: the fastest of BV in (16, 32, 64), 1-4 warps and 1-3
+    stages at K = V = 64 for a float32 output gradient (-u), within 5% of the fastest for a bf16 one (do) on an H100
+    (benchmarks/RESULTS.md)."""
+    return dict(BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=2, num_stages=3)
 
 
 def chunk_states_fwd(

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
     from fla_mesa.ops.scaled_states import ScaledStates
-    from fla_mesa.ops.states import chunk_state_pair_fwd, chunk_states_fwd
+    from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 
     def rel(a, b):
@@ -92,6 +92,29 @@ SCRIPT = textwrap.dedent('''
                 for (a, at), (b, bt) in zip(one, pair):
                     same = all(torch.equal(x, y) for x, y in zip(a, b)) if scaled else torch.equal(a, b)
                     assert same and torch.equal(at, bt), scaled
+            # the reverse scan of the state gradients (query q, output gradient v in bf16), from a final-state
+            # gradient, against float64: each entry within float16's rounding of its column's largest, as above
+            dht = torch.randn(len(bounds) - 1 if varlen else B, H, K, v.shape[-1])
+            seqs = [(0, s, e) for s, e in zip(bounds, bounds[1:])] if varlen else [(b, 0, T) for b in range(B)]
+            refs, ref0 = [[] for _ in range(B)], []
+            for n, (b, s, e) in enumerate(seqs):
+                run, ends = dht[n].double(), []
+                for t0 in reversed(range(s, e, C)):
+                    t = slice(t0, min(t0 + C, e))
+                    ends.append(run)
+                    G = torch.exp2(gc2[b, t].double())
+                    run = G[-1][:, None, None] * run + torch.einsum('th,thk,thv->hkv', G, q[b, t].double(),
+                                                                  v[b, t].bfloat16().double())
+                refs[b] += ends[::-1]
+                ref0.append(run)
+            ref = torch.stack([torch.stack(r, 0) for r in refs], 0)
+            for with_dh0 in (True, False):
+                dh, dh0 = chunk_state_grads_bwd(q, v.bfloat16(), gc2.contiguous(), dht, with_dh0, cu, idx, C)
+                assert dh.values.dtype == torch.float16 and torch.equal(dh.scales, torch.exp2(dh.scales.log2().round()))
+                col = ref.abs().amax(-2, keepdim=True)
+                err = ((dh.float().double() - ref).abs() / torch.where(col > 0, col, 1.)).max().item()
+                assert err <= 2 ** -10, err
+                assert dh0 is None if not with_dh0 else rel(dh0.double(), torch.stack(ref0, 0)) < 1e-5
         for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
                                ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
             fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
@@ -342,9 +365,14 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(do.dtype), dg, (grads[4] if s0 is not None else None)
     chunk._gla_bwd = torch_gla_bwd
 
-    def torch_state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size):
+    state_grads = chunk._state_grads
+
+    def torch_state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices=None, scaled=False):
         # fla's chunk_bwd_dh (nor can the interpreter run it), in float64: dh[:, c] is the gradient of chunk c's end
-        # state, back through the chunks from dht; the last value, that of the initial state
+        # state, back through the chunks from dht; the last value, that of the initial state. Scaled states take
+        # our own reverse scan, as on the GPU
+        if scaled:
+            return state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices, scaled)
         assert cu_seqlens is None
         B, T, H, K = q.shape
         NT = -(-T // chunk_size)
@@ -431,11 +459,12 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from fla_mesa.ops.scaled_states import ScaledStates
     torch.manual_seed(0)
 
-    def as_states(h, scaled):
-        # (what the kernels take, its float32 value): h itself, or float16 values times a power of two per column
+    def as_states(h, scaled, span=30):
+        # (what the kernels take, its float32 value): h itself, or float16 values times a power of two per column,
+        # from 2^-span to 2^span (the state gradients' narrower: they set dv, which float16 inputs store in float16)
         if not scaled:
             return h, h
-        st = ScaledStates(h.half(), torch.exp2(torch.randint(-30, 30, h.shape[:3] + h.shape[-1:]).float()))
+        st = ScaledStates(h.half(), torch.exp2(torch.randint(-span, span, h.shape[:3] + h.shape[-1:]).float()))
         return st, st.float()
 
     def reference(q, k, v, beta, do, h, dh, G, chunks):
@@ -499,9 +528,10 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         h_kv, dh_kv = torch.randn(B, NT, H, K, V), torch.randn(B, NT, H, K, V)
         h_kk, dh_u = torch.randn(B, NT, H, K, K), torch.randn(B, NT, H, K, K)   # dh_u: the state gradients of +u
         (h_kv, h_kv_ref), (h_kk, h_kk_ref) = as_states(h_kv, scaled), as_states(h_kk, scaled)
+        (dh_kv, dh_kv_ref), (dh_u, dh_u_ref) = as_states(dh_kv, scaled, 6), as_states(dh_u, scaled, 6)
         G = gc * math.log(2)
-        ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv_ref, dh_kv, G, chunks)
-        ref_h = reference(x, k.float(), k.float(), beta, u, h_kk_ref, dh_u, G, chunks)
+        ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv_ref, dh_kv_ref, G, chunks)
+        ref_h = reference(x, k.float(), k.float(), beta, u, h_kk_ref, dh_u_ref, G, chunks)
         kw = dict(cu_seqlens=cu, chunk_indices=idx, chunk_size=C)
         dq, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
         first = {'q': rel(dq, ref_s[0]), 'k': rel(dk, ref_s[1]), 'v': rel(dv.float(), ref_s[2]),
