@@ -167,7 +167,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     if fp32_backward:
         dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size, chunk_indices,
                                      states['scaled'])
-        dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
+        dx, dv, dk, dg, dbeta, _ = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
         del h_kv, dh_kv  # here and below: each temporary goes as soon as it is used, for the peak memory
     else:  # fla's GLA backward passes on operands in the inputs' dtype
         kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
@@ -192,16 +192,23 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         del u
     dh0_kk = None
     if fp32_backward:
+        # the last pass over dk stores k's gradient in k's dtype, no cast after it. With CG steps and scaled states
+        # it also gives the solve's dq = u and dlamb = -sum u * x from the tiles of u and x it loads (2.4% faster
+        # forward+backward at D=64 on an H100; at D=128 no faster, and dq held through the pass raised the peak
+        # memory above fla's: there `bwd_solve` follows the pass, benchmarks/RESULTS.md)
+        fused_solve = cg_steps > 0 and states['scaled']
         if through_h:
             dh_u, dh0_u = _state_grads(x, k, k, dy, h0_kk, None if dht_kk is None else -dht_kk, gc, cu_seqlens,
                                        chunk_size, chunk_indices, states['scaled'])
-            # the last pass over dk: it stores k's gradient in k's dtype, no cast after it
-            dk = chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True,
-                               with_dq=False, dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None,
-                               **varlen)[1]
+            solve_dq = torch.empty_like(q) if fused_solve else None
+            _, dk, _, _, _, solve_dlamb = chunk_gla_bwd(
+                x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True, with_dq=False,
+                dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None, solve_dq=solve_dq, **varlen)
             dh0_kk = None if dh0_u is None else -dh0_u
             del dh_u
-        if cg_steps > 0:  # dq after H's pass, not held through it (the backward's peak of memory)
+            if fused_solve:
+                dq, dlamb = solve_dq, solve_dlamb
+        if cg_steps > 0 and not fused_solve:  # dq after H's pass, not held through it (the backward's peak of memory)
             dq, _, dlamb = bwd_solve(dy, x, q.dtype, None)
         B, T, H = beta.shape
         # sums over key and value blocks; one block (D <= 64) needs no reduction

@@ -533,22 +533,27 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv_ref, dh_kv_ref, G, chunks)
         ref_h = reference(x, k.float(), k.float(), beta, u, h_kk_ref, dh_u_ref, G, chunks)
         kw = dict(cu_seqlens=cu, chunk_indices=idx, chunk_size=C)
-        dq, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
+        dq, dv, dk, dg, dbeta, none = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
+        assert none is None
         first = {'q': rel(dq, ref_s[0]), 'k': rel(dk, ref_s[1]), 'v': rel(dv.float(), ref_s[2]),
                  'beta': rel(dbeta.sum(0).view(B, T, H), ref_s[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4])}
         # H's side on the same buffers: gradients of -u added, v's (k's) added to dk, and for half-precision k
         # stored in k's dtype in a new tensor, as the backward does
+        # and the solve's gradients from the same pass: dq = u in q's dtype, dlamb = -sum u * x
         out = None if dtype == torch.float32 else torch.empty_like(k)
-        none, dv2, dk2, dg2, dbeta2 = chunk_gla_bwd(x, k, k, beta, u, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta),
-                                                    negate=True, with_dq=False, dv_out=out, **kw)
+        dq_solve = torch.empty_like(k)
+        none, dv2, dk2, dg2, dbeta2, dlamb = chunk_gla_bwd(x, k, k, beta, u, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta),
+                                                           negate=True, with_dq=False, dv_out=out, solve_dq=dq_solve,
+                                                           **kw)
         assert none is None and dk2 is dk and dv2 is (dk if out is None else out) and dg2 is dg and dbeta2 is dbeta
         both = {'k': rel(dv2.float(), ref_s[1] - ref_h[1] - ref_h[2]), 'beta': rel(dbeta.sum(0).view(B, T, H),
-                ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4])}
+                ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4]),
+                'q': rel(dq_solve.float(), u.double()), 'lamb': rel(dlamb, -(u.double() * x).sum((0, 1)))}
         print(B, T, H, K, V, dtype, bounds, C, gate, betas, scaled, {n: f'{e:.1e}' for n, e in first.items()},
               {n: f'{e:.1e}' for n, e in both.items()}, flush=True)
         # float32 products here; dv is stored in v's dtype
         assert all(e < (STORED[dtype] if n == 'v' else 1e-5) for n, e in first.items()), first
-        assert all(e < (STORED[dtype] if n == 'k' else 1e-5) for n, e in both.items()), both
+        assert all(e < (STORED[dtype] if n in ('k', 'q') else 1e-5) for n, e in both.items()), both
 
     check()
     print('OK')

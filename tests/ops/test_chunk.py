@@ -295,6 +295,15 @@ def test_gla_backward_rejects_dv_out_of_another_shape():
         chunk_gla_bwd(x, x, x, row, x, state, state, row, dv_out=torch.zeros(1, 8, 2, 5))
 
 
+def test_gla_backward_rejects_solve_grads_off_h_pass():
+    # the solve's gradients come only from H's pass (v is k) into a buffer of k's shape
+    from fla_mesa.ops.gla_backward import chunk_gla_bwd
+    x, row, state = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2), torch.zeros(1, 1, 2, 4, 4)
+    for v, dq in [(x, torch.zeros(1, 8, 2, 5)), (torch.zeros(1, 8, 2, 6), x)]:
+        with pytest.raises(ValueError, match="`solve_dq` needs v and solve_dq of k's shape"):
+            chunk_gla_bwd(x, x, v, row, v, state, state, row, solve_dq=dq)
+
+
 def test_bad_cu_seqlens_values():
     q, k, v, g, beta, lamb, _ = make_inputs(1, 8, 2, 4, 4)
     with pytest.raises(ValueError, match='`cu_seqlens`: expected non-decreasing offsets'):
