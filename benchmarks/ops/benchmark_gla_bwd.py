@@ -34,8 +34,8 @@ def inputs(B, T, H, D, chunk_size=64):
              beta=torch.rand(B, T, H, generator=gen, device='cuda'), do=randn(B, T, H, D).bfloat16(),
              u=randn(B, T, H, D), h=randn(B, NT, H, D, D), dh=randn(B, NT, H, D, D))
     d['gc'] = -0.01 * torch.rand(B, T, H, generator=gen, device='cuda').cumsum(1)
-    if scaled_states(d['k']):  # the states as chunk_mesa stores them for these inputs
-        d['h'] = ScaledStates.of(d['h'])
+    if scaled_states(d['k']):  # the states and their gradients as chunk_mesa stores them for these inputs
+        d['h'], d['dh'] = ScaledStates.of(d['h']), ScaledStates.of(d['dh'])
     return d
 
 
@@ -44,6 +44,7 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
     B, T, H, K = d['x'].shape
     src, do = (d['v'], d['do']) if side == 'S' else (d['k'], d['u'])
     NT, n_rows, h = triton.cdiv(T, chunk_size), B * T * H, side == 'H'
+    dh_, dhsc = state_parts(d['dh'])
     common = dict(cu_seqlens=None, chunk_indices=None, T=T, n_rows=n_rows, H=H, K=K, V=src.shape[-1], BT=chunk_size,
                   BK=BK, BV=BV, NEGATE=h, IS_VARLEN=False, ACCUMULATE=h, num_warps=num_warps, num_stages=num_stages)
     if kernel == 'dqkg':
@@ -51,12 +52,17 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
         dg = torch.zeros(triton.cdiv(K, BK), n_rows, device=dq.device)
         h_, hsc = state_parts(d['h'])
         gla_backward.gla_bwd_dqkg_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            d['x'], d['k'], src, d['beta'], do, h_, hsc, d['dh'], d['gc'], dq, dk, dg, STORE_DQ=not h,
-            SCALED_STATES=hsc is not None, **common)
+            d['x'], d['k'], src, d['beta'], do, h_, hsc, dh_, dhsc, d['gc'], dq, dk, dg, STORE_DQ=not h,
+            SCALED_STATES=hsc is not None, SCALED_DH=dhsc is not None, **common)
     else:
         dw, dbeta = torch.zeros_like(src), torch.zeros(triton.cdiv(src.shape[-1], BV), n_rows, device=src.device)
+        # H's pass also gives the solve's dq and dlamb where chunk_mesa's states are scaled
+        solve = h and dhsc is not None
+        dq = torch.empty_like(d['k']) if solve else None
+        dlamb = torch.empty(B * NT, H, K, device=src.device) if solve else None
         gla_backward.gla_bwd_dw_kernel[(triton.cdiv(src.shape[-1], BV), NT, B * H)](
-            d['x'], d['k'], src, d['beta'], do, d['dh'], d['gc'], dw, dw, dbeta, **common)
+            d['x'], d['k'], src, d['beta'], do, dh_, dhsc, d['gc'], dw, dw, dbeta, dq, dlamb,
+            SCALED_DH=dhsc is not None, SOLVE_GRADS=solve, **common)
 
 
 def configs(D):

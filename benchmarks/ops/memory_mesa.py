@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_mesa import inputs  # noqa: E402
 
 B, T, H = 8, 2048, 16
-STEPS = ('chunk_states_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_gla_bwd', 'bwd_solve', 'bwd_prep', '_gla_bwd',
-         'bwd_combine')
+STEPS = ('chunk_states_fwd', 'chunk_state_pair_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_gla_bwd', 'bwd_solve',
+         'bwd_prep', '_gla_bwd', 'bwd_combine')
 
 
 def record(module, name, log):
