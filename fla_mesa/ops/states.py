@@ -18,6 +18,31 @@ from fla_mesa.ops.cg import _pow2
 from fla_mesa.ops.scaled_states import ScaledStates
 
 
+@triton.jit
+def _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # (sequence i_n's first row, its first chunk's index into the chunk states, its length)
+    if IS_VARLEN:
+        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = (i_n * T).to(tl.int64)
+        boh = (i_n * tl.cdiv(T, BT)).to(tl.int64)
+    return bos, boh, T
+
+
+@triton.jit
+def _store_state(b_h, h, hsc, i_state, o_kv, o_v, m_kv, m_v, K: tl.constexpr, V: tl.constexpr, SCALED: tl.constexpr):
+    # state i_state's [BK, BV] tile in float32, or (SCALED, the tile holding whole columns: BK == K) in float16 with
+    # the power of two at or below each column's largest entry in hsc
+    if SCALED:
+        b_sc = _pow2(tl.max(tl.abs(b_h), 0))
+        tl.store(hsc + i_state * V + o_v, b_sc, mask=m_v)
+        tl.store(h + i_state * K * V + o_kv, (b_h * (1. / b_sc)[None, :]).to(tl.float16), mask=m_kv)
+    else:
+        tl.store(h + i_state * K * V + o_kv, b_h, mask=m_kv)
+
+
 @triton.jit(do_not_specialize=['T'])
 def chunk_states_kernel(
     k,
@@ -61,13 +86,7 @@ def chunk_states_kernel(
             if STORE_FINAL_STATE:
                 ht = ht2
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = (i_n * T).to(tl.int64)
-        boh = (i_n * tl.cdiv(T, BT)).to(tl.int64)
+    bos, boh, T = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     NT = tl.cdiv(T, BT)
 
     o_k = i_k * BK + tl.arange(0, BK)
@@ -80,12 +99,7 @@ def chunk_states_kernel(
         b_h = tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     for i_t in range(NT):
-        if SCALED:  # BK == K: the column's largest entry over all K sets its scale
-            b_sc = _pow2(tl.max(tl.abs(b_h), 0))
-            tl.store(hsc + ((boh + i_t) * H + i_h) * V + o_v, b_sc, mask=m_v)
-            tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, (b_h * (1. / b_sc)[None, :]).to(tl.float16), mask=m_kv)
-        else:
-            tl.store(h + ((boh + i_t) * H + i_h) * K * V + o_kv, b_h, mask=m_kv)
+        _store_state(b_h, h, hsc, (boh + i_t) * H + i_h, o_kv, o_v, m_kv, m_v, K, V, SCALED)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         row = (bos + o_t) * H + i_h
@@ -102,37 +116,14 @@ def chunk_states_kernel(
 
 
 @triton.jit(do_not_specialize=['T'])
-def chunk_state_grads_kernel(
-    q,
-    do,
-    gc,
-    dht,
-    dh,
-    dhsc,
-    dh0,
-    cu_seqlens,
-    chunk_offsets,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
+def chunk_state_grads_kernel(q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
+                             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                             USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
+                             IS_VARLEN: tl.constexpr):
     # one program: BV columns of one sequence's and head's state gradient, all K rows (the column's scale needs them)
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = (i_n * T).to(tl.int64)
-        boh = (i_n * tl.cdiv(T, BT)).to(tl.int64)
+    bos, boh, T = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
     NT = tl.cdiv(T, BT)
 
     o_k = tl.arange(0, BK)
@@ -146,9 +137,7 @@ def chunk_state_grads_kernel(
 
     for i_t in range(NT - 1, -1, -1):
         # dh_c, the gradient of chunk c's start state, is 2^G_last dh_c+1 + sum_t 2^G_t q_t do_t^T over chunk c
-        b_sc = _pow2(tl.max(tl.abs(b_dh), 0))
-        tl.store(dhsc + ((boh + i_t) * H + i_h) * V + o_v, b_sc, mask=m_v)
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + o_kv, (b_dh * (1. / b_sc)[None, :]).to(tl.float16), mask=m_kv)
+        _store_state(b_dh, dh, dhsc, (boh + i_t) * H + i_h, o_kv, o_v, m_kv, m_v, K, V, True)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         row = (bos + o_t) * H + i_h
@@ -185,17 +174,11 @@ def chunk_state_grads_bwd(
         the chunk-start states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
         varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
     """
-    from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
     B, T, H, K = q.shape
     V = do.shape[-1]
     if K > 64:
         raise ValueError(f"chunk_state_grads_bwd: expected K <= 64 (one program holds a whole column), got K={K}")
-    if cu_seqlens is None:
-        N, NT, chunk_offsets = B, triton.cdiv(T, chunk_size), None
-    else:
-        if chunk_indices is None:
-            chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
-        N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
+    N, NT, chunk_offsets = _sequences(B, T, cu_seqlens, chunk_indices, chunk_size)
     dh = q.new_empty(B, NT, H, K, V, dtype=torch.float16)
     dhsc = q.new_empty(B, NT, H, V, dtype=torch.float32)
     dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if with_dh0 else None
@@ -277,16 +260,21 @@ def chunk_state_pair_fwd(
     return _chunk_states(k, [k, v], beta, gc, h0s, output_final_state, cu_seqlens, chunk_indices, chunk_size, scaled)
 
 
-def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_indices, chunk_size, scaled):
+def _sequences(B, T, cu_seqlens, chunk_indices, chunk_size):
+    """(sequences N, chunk states NT a batch row holds, each sequence's first chunk state or None) of the fixed-length
+    or the packed layout."""
     from fla.ops.utils import prepare_chunk_indices, prepare_chunk_offsets
+    if cu_seqlens is None:
+        return B, triton.cdiv(T, chunk_size), None
+    if chunk_indices is None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
+    return len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
+
+
+def _chunk_states(k, vs, beta, gc, h0s, output_final_state, cu_seqlens, chunk_indices, chunk_size, scaled):
     B, T, H, K = k.shape
     V = vs[0].shape[-1]
-    if cu_seqlens is None:
-        N, NT, chunk_offsets = B, triton.cdiv(T, chunk_size), None
-    else:
-        if chunk_indices is None:
-            chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
-        N, NT, chunk_offsets = len(cu_seqlens) - 1, len(chunk_indices), prepare_chunk_offsets(cu_seqlens, chunk_size)
+    N, NT, chunk_offsets = _sequences(B, T, cu_seqlens, chunk_indices, chunk_size)
     if scaled and K > 64:
         raise ValueError(f"chunk_states_fwd: scaled states need K <= 64, got K={K}")
     outs = [(k.new_empty(B, NT, H, K, V, dtype=torch.float16 if scaled else torch.float32),
