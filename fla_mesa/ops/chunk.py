@@ -137,7 +137,7 @@ def _gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
 
 
 def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices=None, scaled=False):
-    """The gradients of the chunk-start states [B, NT, H, K, V] and of h0: as `ScaledStates` from our
+    """The gradients of the chunk-end states [B, NT, H, K, V] and of h0: as `ScaledStates` from our
     `chunk_state_grads_bwd` where the states are scaled, else float32 from fla's `chunk_bwd_dh`. Both cast do to
     q's dtype themselves, so x (float32) with half-precision do needs no copy; k and v give only the shapes."""
     if scaled:

@@ -7,7 +7,7 @@ products, as fla's float32 path). With `scaled=True` it stores each state in flo
 (value channel) in a float32 side tensor: half the bytes for every kernel that reads them, for errors within the
 products' own rounding (benchmarks/ops/half_states_emulation.py); the recurrence itself stays float32 in registers.
 `chunk_state_pair_fwd` runs H's and S's scans (values k and v) side by side from one launch, for the forward.
-`chunk_state_grads_bwd` is the backward's reverse scan, the gradients of the chunk-start states, stored the same way.
+`chunk_state_grads_bwd` is the backward's reverse scan, the gradients of the chunk-end states, stored the same way.
 """
 
 import torch
@@ -136,7 +136,8 @@ def chunk_state_grads_kernel(q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_of
         b_dh = tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
 
     for i_t in range(NT - 1, -1, -1):
-        # dh_c, the gradient of chunk c's start state, is 2^G_last dh_c+1 + sum_t 2^G_t q_t do_t^T over chunk c
+        # dh_c, the gradient of chunk c's end state (the start state of chunk c + 1), through the later chunks' outputs
+        # and the final state: dh_c-1 = 2^G_last dh_c + sum_t 2^G_t q_t do_t^T over chunk c
         _store_state(b_dh, dh, dhsc, (boh + i_t) * H + i_h, o_kv, o_v, m_kv, m_v, K, V, True)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
@@ -161,7 +162,7 @@ def chunk_state_grads_bwd(
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[ScaledStates, torch.Tensor | None]:
-    r"""Triton: the gradients of the chunk-start states of a GLA pass o_t = 2^G_t q_t S_c + (in-chunk terms), from
+    r"""Triton: the gradients of the chunk-end states of a GLA pass o_t = 2^G_t q_t S_c + (in-chunk terms), from
     its output gradient, stored as `ScaledStates` (float16, a power of two per column) for the gradient kernels,
     which multiply them in tf32: float16's 11-bit significand rounded to nearest holds what tf32 keeps of float32
     (fla's `chunk_bwd_dh` stores float32 or the inputs' half dtype only), at half the bytes written and read.
@@ -171,7 +172,7 @@ def chunk_state_grads_bwd(
         gc: chunk-local cumulative log2 gate `[B, T, H]`. dht: the final states' gradient `[N, H, K, V]` or None.
         with_dh0: also return the initial states' gradient. cu_seqlens: `[N + 1]` offsets of packed sequences (B = 1).
     Returns:
-        the chunk-start states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
+        the chunk-end states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
         varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
     """
     B, T, H, K = q.shape
