@@ -6,9 +6,9 @@ two per column for half-precision inputs at K <= 64, `scaled_states`); x = (H_t 
 Backward: dx = S_t do_t and the S-side gradients from one GLA backward; u = (H_t + diag(lamb))^{-1} dx_t by one more CG
 solve; the H-side gradients from one GLA backward with "output gradient" -u (since dH_t = -u_t x_t^T); dq = u; dlamb =
 -sum_t u_t * x_t. Nothing is differentiated through the CG iterations: the gradients are those of the exact solve.
-On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh` (float32), or where the states are
-scaled from our reverse scan in the same storage, beside the chunk states of our state kernel recomputed as the
-forward stored them (float32 for fla's primitives, `fp32_backward=False`). The per-chunk
+On CUDA the state gradients of both GLA passes come from fla's `chunk_bwd_dh` (float32) or, where the states are
+scaled, from our reverse scan (stored as the states are), beside the chunk states of our state kernel recomputed as
+the forward stored them (float32 for fla's primitives, `fp32_backward=False`). The per-chunk
 gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
 float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
 dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s

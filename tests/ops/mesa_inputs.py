@@ -53,6 +53,27 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def state_grads_reference(q, do, gc, dht, chunk_size, bounds=None):
+    """float64 gradients of the chunk-end states of a GLA pass with query q `[B, T, H, K]` and output gradient do
+    (what fla's `chunk_bwd_dh` and our reverse scan give): `[B, NT, H, K, V]`, chunk c's back through the later chunks
+    from the final states' gradient dht `[N, H, K, V]` (or zeros), and the initial states' `[N, H, K, V]`. gc: the
+    chunk-local cumulative log2 gate; bounds: the packed sequences' offsets (B = 1), or None."""
+    B, T, H, K = q.shape
+    seqs = [(0, s, e) for s, e in zip(bounds, bounds[1:])] if bounds is not None else [(b, 0, T) for b in range(B)]
+    dh, dh0 = [[] for _ in range(B)], []
+    for n, (b, s, e) in enumerate(seqs):
+        run = torch.zeros(H, K, do.shape[-1], dtype=torch.float64) if dht is None else dht[n].double()
+        ends = []
+        for t0 in reversed(range(s, e, chunk_size)):
+            t = slice(t0, min(t0 + chunk_size, e))
+            ends.append(run)
+            G = torch.exp2(gc[b, t].double())
+            run = G[-1][:, None, None] * run + torch.einsum('th,thk,thv->hkv', G, q[b, t].double(), do[b, t].double())
+        dh[b] += ends[::-1]
+        dh0.append(run)
+    return torch.stack([torch.stack(d, 0) for d in dh], 0), torch.stack(dh0, 0)
+
+
 @st.composite
 def shapes(draw, max_T=70):
     return dict(

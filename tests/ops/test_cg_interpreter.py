@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent('''
     from fla_mesa.ops.scaled_states import ScaledStates
     from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
+    from mesa_inputs import state_grads_reference
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -95,26 +96,14 @@ SCRIPT = textwrap.dedent('''
             # the reverse scan of the state gradients (query q, output gradient v in bf16), from a final-state
             # gradient, against float64: each entry within float16's rounding of its column's largest, as above
             dht = torch.randn(len(bounds) - 1 if varlen else B, H, K, v.shape[-1])
-            seqs = [(0, s, e) for s, e in zip(bounds, bounds[1:])] if varlen else [(b, 0, T) for b in range(B)]
-            refs, ref0 = [[] for _ in range(B)], []
-            for n, (b, s, e) in enumerate(seqs):
-                run, ends = dht[n].double(), []
-                for t0 in reversed(range(s, e, C)):
-                    t = slice(t0, min(t0 + C, e))
-                    ends.append(run)
-                    G = torch.exp2(gc2[b, t].double())
-                    run = G[-1][:, None, None] * run + torch.einsum('th,thk,thv->hkv', G, q[b, t].double(),
-                                                                  v[b, t].bfloat16().double())
-                refs[b] += ends[::-1]
-                ref0.append(run)
-            ref = torch.stack([torch.stack(r, 0) for r in refs], 0)
+            ref, ref0 = state_grads_reference(q, v.bfloat16(), gc2, dht, C, bounds if varlen else None)
             for with_dh0 in (True, False):
                 dh, dh0 = chunk_state_grads_bwd(q, v.bfloat16(), gc2.contiguous(), dht, with_dh0, cu, idx, C)
                 assert dh.values.dtype == torch.float16 and torch.equal(dh.scales, torch.exp2(dh.scales.log2().round()))
                 col = ref.abs().amax(-2, keepdim=True)
                 err = ((dh.float().double() - ref).abs() / torch.where(col > 0, col, 1.)).max().item()
                 assert err <= 2 ** -10, err
-                assert dh0 is None if not with_dh0 else rel(dh0.double(), torch.stack(ref0, 0)) < 1e-5
+                assert dh0 is None if not with_dh0 else rel(dh0.double(), ref0) < 1e-5
         for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
                                ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
             fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
@@ -343,6 +332,7 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     import fla_mesa.ops.chunk as chunk
     from fla_mesa.ops import naive_recurrent_mesa
     from fla_mesa.ops.torch_chunk import chunk_output, chunk_states, pad_to_chunks
+    from mesa_inputs import state_grads_reference
     torch.manual_seed(0)
 
     def torch_gla_bwd(q, k, v, h, h0, do, dht, g, cu_seqlens, chunk_indices, chunk_size):
@@ -374,16 +364,8 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         if scaled:
             return state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices, scaled)
         assert cu_seqlens is None
-        B, T, H, K = q.shape
-        NT = -(-T // chunk_size)
-        dh = torch.empty(B, NT, H, K, do.shape[-1], dtype=torch.float64)
-        run = torch.zeros_like(dh[:, 0]) if dht is None else dht.double()
-        for c in reversed(range(NT)):
-            t = slice(c * chunk_size, (c + 1) * chunk_size)
-            dh[:, c], gc = run, g[:, t].double()
-            run = torch.exp2(gc[:, -1])[..., None, None] * run + torch.einsum(
-                'bth,bthk,bthv->bhkv', torch.exp2(gc), q[:, t].double(), do[:, t].double())
-        return dh.float(), (run.float() if h0 is not None else None)
+        dh, dh0 = state_grads_reference(q, do, g, dht, chunk_size)
+        return dh.float(), (dh0.float() if h0 is not None else None)
     chunk._state_grads = torch_state_grads
 
     # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, CG preconditioner, bounds on
