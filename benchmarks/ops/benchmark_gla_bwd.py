@@ -56,13 +56,8 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
             SCALED_STATES=hsc is not None, SCALED_DH=dhsc is not None, **common)
     else:
         dw, dbeta = torch.zeros_like(src), torch.zeros(triton.cdiv(src.shape[-1], BV), n_rows, device=src.device)
-        # H's pass also gives the solve's dq and dlamb where chunk_mesa's states are scaled
-        solve = h and dhsc is not None
-        dq = torch.empty_like(d['k']) if solve else None
-        dlamb = torch.empty(B * NT, H, K, device=src.device) if solve else None
         gla_backward.gla_bwd_dw_kernel[(triton.cdiv(src.shape[-1], BV), NT, B * H)](
-            d['x'], d['k'], src, d['beta'], do, dh_, dhsc, d['gc'], dw, dw, dbeta, dq, dlamb,
-            SCALED_DH=dhsc is not None, SOLVE_GRADS=solve, **common)
+            d['x'], d['k'], src, d['beta'], do, dh_, dhsc, d['gc'], dw, dw, dbeta, SCALED_DH=dhsc is not None, **common)
 
 
 def configs(D):

@@ -12,7 +12,8 @@ the forward stored them (float32 for fla's primitives, `fp32_backward=False`). T
 gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
 float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
 dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s
-PyTorch twin.
+PyTorch twin. At K = V <= 64 with scaled states and CG steps, `mesa_backward`'s kernels take dx before the adjoint solve
+and then both passes' gradients together (`_fused_bwd`).
 """
 
 import torch
@@ -22,6 +23,7 @@ from fla_mesa.ops import cg
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
+from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
 from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
@@ -158,6 +160,9 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     # the forward's chunk states again (from float32 beta * v and beta * k, as the forward formed them), stored as the
     # forward stored them, except for fla's primitives (fp32_backward=False), which read float32 states only
     states = dict(varlen, scaled=fp32_backward and scaled_states(k))
+    if states['scaled'] and cg_steps > 0 and v.shape == k.shape:
+        return _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init,
+                          cg_precond, states)
     h_kk = None
     if through_h and states['scaled'] and v.shape == k.shape:
         # both scans from one launch; H's float16 states wait through S's pass, which is not the backward's peak
@@ -167,7 +172,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     if fp32_backward:
         dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, cu_seqlens, chunk_size, chunk_indices,
                                      states['scaled'])
-        dx, dv, dk, dg, dbeta, _ = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
+        dx, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **varlen)
         del h_kv, dh_kv  # here and below: each temporary goes as soon as it is used, for the peak memory
     else:  # fla's GLA backward passes on operands in the inputs' dtype
         kb, vb, xq = bwd_prep(k, v, beta, x, with_kb=through_h)
@@ -192,23 +197,16 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         del u
     dh0_kk = None
     if fp32_backward:
-        # the last pass over dk stores k's gradient in k's dtype, no cast after it. With CG steps and scaled states
-        # it also gives the solve's dq = u and dlamb = -sum u * x from the tiles of u and x it loads (2.4% faster
-        # forward+backward at D=64 on an H100; at D=128 no faster, and dq held through the pass raised the peak
-        # memory above fla's: there `bwd_solve` follows the pass, benchmarks/RESULTS.md)
-        fused_solve = cg_steps > 0 and states['scaled']
+        # the last pass over dk stores k's gradient in k's dtype, no cast after it
         if through_h:
             dh_u, dh0_u = _state_grads(x, k, k, dy, h0_kk, None if dht_kk is None else -dht_kk, gc, cu_seqlens,
                                        chunk_size, chunk_indices, states['scaled'])
-            solve_dq = torch.empty_like(q) if fused_solve else None
-            _, dk, _, _, _, solve_dlamb = chunk_gla_bwd(
-                x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True, with_dq=False,
-                dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None, solve_dq=solve_dq, **varlen)
+            _, dk, _, _, _ = chunk_gla_bwd(x, k, k, beta, dy, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta), negate=True,
+                                           with_dq=False, dv_out=torch.empty_like(k) if k.dtype != dk.dtype else None,
+                                           **varlen)
             dh0_kk = None if dh0_u is None else -dh0_u
             del dh_u
-            if fused_solve:
-                dq, dlamb = solve_dq, solve_dlamb
-        if cg_steps > 0 and not fused_solve:  # dq after H's pass, not held through it (the backward's peak of memory)
+        if cg_steps > 0:  # dq after H's pass, not held through it (the backward's peak of memory)
             dq, _, dlamb = bwd_solve(dy, x, q.dtype, None)
         B, T, H = beta.shape
         # sums over key and value blocks; one block (D <= 64) needs no reduction
@@ -223,6 +221,28 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     del h_kk, dy
     dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     return dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv
+
+
+def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init, cg_precond,
+               states):
+    """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: dx = S_t do_t first, the adjoint solve, both
+    passes' state gradients, then both passes' gradients together (`mesa_backward`)."""
+    from fla.ops.utils import chunk_local_cumsum
+
+    varlen = {n: states[n] for n in ('cu_seqlens', 'chunk_indices', 'chunk_size')}
+    (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, **states)
+    dx = mesa_bwd_dx(k, v, beta, do, h_kv, gc, **varlen)
+    u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, cg_precond=cg_precond,
+                             **varlen)
+    del dx
+    # H's pass has output gradient -u: the scan of +u takes -dht_kk, and its gradients are subtracted
+    dh_kv, dh0_kv = chunk_state_grads_bwd(x, do, gc, dht_kv, h0_kv is not None, **varlen)
+    dh_u, dh0_u = chunk_state_grads_bwd(x, u, gc, None if dht_kk is None else -dht_kk, h0_kk is not None, **varlen)
+    dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **varlen)
+    del h_kk, h_kv  # the states go before the last kernel's outputs come (the backward's peak of memory)
+    dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(q, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **varlen)
+    dg = chunk_local_cumsum(dg, reverse=True, **varlen)
+    return dq, dk, dv, dg, dbeta, dlamb, None if dh0_u is None else -dh0_u, dh0_kv
 
 
 class ChunkMesaFunction(torch.autograd.Function):
@@ -336,13 +356,14 @@ def chunk_mesa(
             CUDA (and cannot run under CUDA-graph capture); pass False where they hold by construction, as
             `MesaAttention` does. Shapes and dtypes are always checked. Default: True.
         fp32_backward (bool): on CUDA with half-precision inputs, run the backward's two GLA passes with float32
-            (tf32) products, in our `gla_backward` kernels, instead of fla's Triton primitives on operands in the
-            inputs' dtype. With bf16 inputs on an H100 it takes every gradient's error against the float64 exact
-            solve below fla's `chunk_mesa_net`'s at D=128 and D=64 (dk 2.5e-3, fla 2.7e-3, 4.7e-3 without it; the
-            bf16 floor is 1.7e-3), in about the forward+backward time of `False` (0.99x at D=128 on an H100,
-            1.04x on an H200; 1.02x and 0.93x at D=64) and with 0.19 / 0.09 GiB less peak memory, at B=8,
-            T=2048, H=16 (benchmarks/RESULTS.md). With float32 inputs both settings multiply in float32 (tf32);
-            off CUDA it has no effect (the PyTorch path computes in float32 or float64). Default: True.
+            (tf32) products, in our `gla_backward` or (K = V <= 64) `mesa_backward` kernels, instead of fla's Triton
+            primitives on operands in the inputs' dtype. With bf16 inputs on an H100 it takes every gradient's error
+            against the float64 exact solve below fla's `chunk_mesa_net`'s at D=128 and D=64 (dk 2.5e-3, fla
+            2.7e-3, 4.7e-3 without it; the bf16 floor is 1.7e-3), in the forward+backward time of `False` or less
+            (0.99x at D=128 on an H100, 1.04x on an H200; 0.91x at D=64 on an H100) and with 0.19 / 0.09 GiB less
+            peak memory, at B=8, T=2048, H=16 (benchmarks/RESULTS.md). With float32 inputs both settings multiply
+            in float32 (tf32); off CUDA it has no effect (the PyTorch path computes in float32 or float64).
+            Default: True.
 
     Returns:
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.

@@ -93,15 +93,13 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg,
 
 
 @triton.jit(do_not_specialize=['T'])
-def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta, dq_solve, dlamb, cu_seqlens,
-                      chunk_indices, T, n_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr,
-                      SCALED_DH: tl.constexpr, SOLVE_GRADS: tl.constexpr, IS_VARLEN: tl.constexpr):
+def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta, cu_seqlens, chunk_indices, T, n_rows,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, ACCUMULATE: tl.constexpr, NEGATE: tl.constexpr, SCALED_DH: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
     # one program: BV value columns of one chunk of one head. dw, the gradient of w = beta * w_src, goes out as
     # beta * dw, the gradient of w_src (stored in dw_out, or with dw_in added: dw_in may be dw_out), and as this
-    # block's share of dbeta = sum_V dw * w_src (added to dbeta). SOLVE_GRADS (H's pass: w_src is k, do is u): also
-    # the solve's gradients from the u tile at hand, dq = u (in dq_solve's dtype) and this chunk's share of
-    # dlamb = -sum_t u_t * x_t (a row of dlamb per chunk)
+    # block's share of dbeta = sum_V dw * w_src (added to dbeta)
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
@@ -141,11 +139,6 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta,
     m_st = (o_t[:, None] <= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_a = tl.where(m_st, b_a * tl.exp2(tl.where(m_st, b_g[None, :] - b_g[:, None], 0.)), 0.)
     b_dw += tl.dot(b_a, b_do.to(tl.float32))
-    if SOLVE_GRADS:
-        b_u = b_do.to(tl.float32)
-        tl.store(dq_solve + p_tv, b_u.to(dq_solve.dtype.element_ty), mask=m_tv)
-        b_x = tl.load(q + p_tv, mask=m_tv, other=0.).to(tl.float32)  # x's columns o_v (V is K)
-        tl.store(dlamb + (i_tg * H + i_h).to(tl.int64) * V + o_v, -tl.sum(b_u * b_x, 0), mask=m_v)
     if NEGATE:
         b_dw = -b_dw
     b_src = b_src.to(tl.float32)
@@ -185,7 +178,6 @@ def chunk_gla_bwd(
     negate: bool = False,
     with_dq: bool = True,
     dv_out: torch.Tensor | None = None,
-    solve_dq: torch.Tensor | None = None,
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
@@ -205,13 +197,11 @@ def chunk_gla_bwd(
         with_dq: compute q's gradient.
         dv_out: where v's gradient goes, `[B, T, H, V]` in any float dtype (default: a new tensor in v's dtype, or
             `acc`'s `dv`, in place). The backward's last pass stores k's gradient there in k's dtype, with no cast.
-        solve_dq: H's pass (v is k, do is u) only: `[B, T, H, K]` in any float dtype, where the solve's gradient dq = u
-            goes, and dlamb = -sum_t u_t * x_t is returned, from the tiles this pass loads anyway.
     Returns:
-        `(dq, dv, dk, dg, dbeta, dlamb)`: dq `[B, T, H, K]` float32 or None; dv, v's gradient `beta * dw` (plus `acc`'s
+        `(dq, dv, dk, dg, dbeta)`: dq `[B, T, H, K]` float32 or None; dv, v's gradient `beta * dw` (plus `acc`'s
         dv), in `dv_out` or as the default above; dk `[B, T, H, K]` float32; dg `[NK, B * T * H]` float32, the
         gradient of the natural-log chunk-local cumulative gate in sums over key blocks; dbeta `[NV, B * T * H]`
-        float32 in sums over value blocks (take `.sum(0)` of both); dlamb `[H, K]` float32 with `solve_dq`, else None.
+        float32 in sums over value blocks (take `.sum(0)` of both).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -221,9 +211,6 @@ def chunk_gla_bwd(
     dqkg, dw = launch_configs(K, V)
     if dv_out is not None and dv_out.shape != v.shape:
         raise ValueError(f"chunk_gla_bwd: `dv_out` must have v's shape {tuple(v.shape)}, got {tuple(dv_out.shape)}")
-    if solve_dq is not None and (v.shape != k.shape or solve_dq.shape != k.shape):
-        raise ValueError(f"chunk_gla_bwd: `solve_dq` needs v and solve_dq of k's shape {tuple(k.shape)}, got v "
-                         f"{tuple(v.shape)}, solve_dq {tuple(solve_dq.shape)}")
     if acc is None:
         dv_in = None
         dk = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
@@ -234,8 +221,6 @@ def chunk_gla_bwd(
         dv_in, dk, dg, dbeta = acc
     dv = dv_out if dv_out is not None else torch.empty_like(v) if dv_in is None else dv_in
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device) if with_dq else None
-    # a row of dlamb's partial sums per chunk (over all sequences), summed below
-    dlamb = None if solve_dq is None else torch.empty(B * NT, H, K, dtype=torch.float32, device=k.device)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, n_rows=n_rows, H=H, K=K, V=V,
                   BT=chunk_size, NEGATE=negate, IS_VARLEN=cu_seqlens is not None)
     gla_bwd_dqkg_kernel[(triton.cdiv(K, dqkg['BK']), NT, B * H)](q, k, v, beta, do, h, hsc, dh, dhsc, gc, dq, dk,
@@ -243,8 +228,7 @@ def chunk_gla_bwd(
                                                                   SCALED_STATES=hsc is not None,
                                                                   SCALED_DH=dhsc is not None, **common, **dqkg)
     gla_bwd_dw_kernel[(triton.cdiv(V, dw['BV']), NT, B * H)](q, k, v, beta, do, dh, dhsc, gc,
-                                                             dv if dv_in is None else dv_in, dv, dbeta, solve_dq,
-                                                             dlamb, ACCUMULATE=acc is not None,
-                                                             SCALED_DH=dhsc is not None,
-                                                             SOLVE_GRADS=solve_dq is not None, **common, **dw)
-    return dq, dv, dk, dg, dbeta, (None if dlamb is None else dlamb.sum(0))
+                                                             dv if dv_in is None else dv_in, dv, dbeta,
+                                                             ACCUMULATE=acc is not None, SCALED_DH=dhsc is not None,
+                                                             **common, **dw)
+    return dq, dv, dk, dg, dbeta

@@ -1,7 +1,7 @@
 """The Triton CG kernel (with its fused output pass), the chunk-state kernel and the backward's elementwise kernels,
-run by Triton's interpreter on the CPU, against their PyTorch twins; the backward's GLA gradient kernels against
-float64 autograd; and the CUDA forward and backward as composed (fla's GLA backward primitives, which the interpreter
-cannot run, replaced by PyTorch twins) against float64.
+run by Triton's interpreter on the CPU, against their PyTorch twins; the backward's GLA gradient kernels (and
+`mesa_backward`'s) against float64 autograd; and the CUDA forward and backward as composed (fla's GLA backward
+primitives, which the interpreter cannot run, replaced by PyTorch twins) against float64.
 
 The interpreter must be switched on before triton is imported, so the comparison runs in a subprocess.
 """
@@ -371,8 +371,9 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, CG preconditioner, bounds on
     # the errors of the gradients in the inputs' dtype and of the float32 ones (g, beta, lamb), float16 states):
     # float32 products here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error up
-    # to 2^-8. The interpreter's full float32 products keep float32 states (`chunk.scaled_states`); the last case
-    # takes the GPU's float16 states for bf16 inputs at K <= 64 (float16's rounding: a few units of 2^-11)
+    # to 2^-8. The interpreter's full float32 products keep float32 states (`chunk.scaled_states`); the last two
+    # cases take the GPU's float16 states for bf16 inputs at K <= 64 (float16's rounding: a few units of 2^-11), with
+    # V = K through `mesa_backward`'s kernels and V != K through `gla_backward`'s
     bf16_errs = {}
     scaled_states = chunk.scaled_states
     for T, K, V, dtype, steps, init, final, fp32_bwd, pre, bounds, scaled in [
@@ -381,7 +382,8 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
             (70, 16, 16, torch.float32, 0, False, True, True, 'none', (1e-5, 1e-5), False),  # H's side only for dht_kk
             (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -8, 1e-5), False),
             (90, 32, 32, torch.bfloat16, 30, False, False, False, 'none', (3e-2, 3e-2), False),
-            (90, 32, 32, torch.bfloat16, 30, True, True, True, 'jacobi', (2 ** -8, 4 * 2 ** -11), True)]:
+            (90, 32, 32, torch.bfloat16, 30, True, True, True, 'jacobi', (2 ** -8, 4 * 2 ** -11), True),
+            (90, 32, 48, torch.bfloat16, 30, True, True, True, 'none', (2 ** -8, 4 * 2 ** -11), True)]:
         chunk.scaled_states = (lambda k: True) if scaled else scaled_states
         B, H = 2, 2
         q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype) for _ in range(2))
@@ -425,11 +427,10 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
 
 
 def test_cuda_backward_composition_in_interpreter():
-    """chunk_mesa's CUDA backward (fla's cumsum, our state, CG, GLA-gradient and elementwise kernels) run by the
-    interpreter on CPU tensors, with fla's GLA backward primitives replaced by PyTorch twins (the interpreter cannot
-    run them), against
-    the float64 exact solve's gradients: the composition, the signs and the states each pass gets, the cg_steps=0 path
-    with a final-state gradient, and both fp32_backward settings."""
+    """chunk_mesa's CUDA backward (fla's cumsum, our state, CG, GLA-gradient, `mesa_backward` and elementwise kernels)
+    run by the interpreter on CPU tensors, with fla's GLA backward primitives replaced by PyTorch twins (the
+    interpreter cannot run them), against the float64 exact solve's gradients: the composition, the signs and the
+    states each pass gets, the cg_steps=0 path with a final-state gradient, and both fp32_backward settings."""
     run_in_interpreter(BACKWARD_SCRIPT)
 
 
@@ -438,6 +439,7 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
     from fla_mesa.ops.gla_backward import chunk_gla_bwd
+    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
     from fla_mesa.ops.scaled_states import ScaledStates
     torch.manual_seed(0)
 
@@ -473,20 +475,9 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     # the largest relative error of a gradient stored in dtype (dv; rounding toward zero in the interpreter)
     STORED = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
 
-    @settings(max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True)
-    @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 32, 48, 80, 128]),
-           V=st.sampled_from([16, 40, 64, 128]), dtype=st.sampled_from(list(STORED)), varlen=st.booleans(),
-           C=st.sampled_from([16, 32, 64]), gate=st.sampled_from(list(GATES)), betas=st.sampled_from(list(BETAS)),
-           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), scaled=st.booleans(), seed=st.integers(0, 2 ** 16))
-    @example(B=2, T=100, H=2, K=32, V=48, dtype=torch.float32, varlen=False, C=64, gate='mid', betas='any', cuts=[],
-             scaled=False, seed=0)
-    @example(B=1, T=90, H=2, K=80, V=40, dtype=torch.bfloat16, varlen=True, C=32, gate='mid', betas='any',
-             cuts=[0.26, 0.57], scaled=False, seed=1)
-    @example(B=2, T=70, H=1, K=128, V=128, dtype=torch.bfloat16, varlen=False, C=64, gate='mid', betas='any',
-             cuts=[], scaled=False, seed=2)
-    @example(B=1, T=100, H=2, K=64, V=48, dtype=torch.bfloat16, varlen=True, C=64, gate='mid', betas='any',
-             cuts=[0.4], scaled=True, seed=3)
-    def check(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
+    def case(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
+        # the backward's operands of both passes, their states and state gradients (as the kernels take them), and
+        # the float64 gradients of S's pass (output gradient do) and of H's (+u)
         torch.manual_seed(seed)
         B = 1 if varlen else B
         bounds = sorted({0, T, *(int(c * T) for c in cuts)}) if varlen else [0, T]
@@ -515,29 +506,73 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         ref_s = reference(x, k.float(), v.float(), beta, do.float(), h_kv_ref, dh_kv_ref, G, chunks)
         ref_h = reference(x, k.float(), k.float(), beta, u, h_kk_ref, dh_u_ref, G, chunks)
         kw = dict(cu_seqlens=cu, chunk_indices=idx, chunk_size=C)
-        dq, dv, dk, dg, dbeta, none = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
-        assert none is None
+        return (x, k, v, beta, do, u, gc, h_kv, dh_kv, h_kk, dh_u), ref_s, ref_h, kw, bounds
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None, print_blob=True)
+    @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 32, 48, 80, 128]),
+           V=st.sampled_from([16, 40, 64, 128]), dtype=st.sampled_from(list(STORED)), varlen=st.booleans(),
+           C=st.sampled_from([16, 32, 64]), gate=st.sampled_from(list(GATES)), betas=st.sampled_from(list(BETAS)),
+           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), scaled=st.booleans(), seed=st.integers(0, 2 ** 16))
+    @example(B=2, T=100, H=2, K=32, V=48, dtype=torch.float32, varlen=False, C=64, gate='mid', betas='any', cuts=[],
+             scaled=False, seed=0)
+    @example(B=1, T=90, H=2, K=80, V=40, dtype=torch.bfloat16, varlen=True, C=32, gate='mid', betas='any',
+             cuts=[0.26, 0.57], scaled=False, seed=1)
+    @example(B=2, T=70, H=1, K=128, V=128, dtype=torch.bfloat16, varlen=False, C=64, gate='mid', betas='any',
+             cuts=[], scaled=False, seed=2)
+    @example(B=1, T=100, H=2, K=64, V=48, dtype=torch.bfloat16, varlen=True, C=64, gate='mid', betas='any',
+             cuts=[0.4], scaled=True, seed=3)
+    def check(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
+        ops, ref_s, ref_h, kw, bounds = case(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed)
+        x, k, v, beta, do, u, gc, h_kv, dh_kv, h_kk, dh_u = ops
+        B = k.shape[0]
+        dq, dv, dk, dg, dbeta = chunk_gla_bwd(x, k, v, beta, do, h_kv, dh_kv, gc, **kw)
         first = {'q': rel(dq, ref_s[0]), 'k': rel(dk, ref_s[1]), 'v': rel(dv.float(), ref_s[2]),
                  'beta': rel(dbeta.sum(0).view(B, T, H), ref_s[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4])}
         # H's side on the same buffers: gradients of -u added, v's (k's) added to dk, and for half-precision k
         # stored in k's dtype in a new tensor, as the backward does
-        # and the solve's gradients from the same pass: dq = u in q's dtype, dlamb = -sum u * x
         out = None if dtype == torch.float32 else torch.empty_like(k)
-        dq_solve = torch.empty_like(k)
-        none, dv2, dk2, dg2, dbeta2, dlamb = chunk_gla_bwd(x, k, k, beta, u, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta),
-                                                           negate=True, with_dq=False, dv_out=out, solve_dq=dq_solve,
-                                                           **kw)
+        none, dv2, dk2, dg2, dbeta2 = chunk_gla_bwd(x, k, k, beta, u, h_kk, dh_u, gc, acc=(dk, dk, dg, dbeta),
+                                                    negate=True, with_dq=False, dv_out=out, **kw)
         assert none is None and dk2 is dk and dv2 is (dk if out is None else out) and dg2 is dg and dbeta2 is dbeta
         both = {'k': rel(dv2.float(), ref_s[1] - ref_h[1] - ref_h[2]), 'beta': rel(dbeta.sum(0).view(B, T, H),
-                ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4]),
-                'q': rel(dq_solve.float(), u.double()), 'lamb': rel(dlamb, -(u.double() * x).sum((0, 1)))}
+                ref_s[3] - ref_h[3]), 'g': rel(dg.sum(0).view(B, T, H), ref_s[4] - ref_h[4])}
         print(B, T, H, K, V, dtype, bounds, C, gate, betas, scaled, {n: f'{e:.1e}' for n, e in first.items()},
               {n: f'{e:.1e}' for n, e in both.items()}, flush=True)
         # float32 products here; dv is stored in v's dtype
         assert all(e < (STORED[dtype] if n == 'v' else 1e-5) for n, e in first.items()), first
-        assert all(e < (STORED[dtype] if n in ('k', 'q') else 1e-5) for n, e in both.items()), both
+        assert all(e < (STORED[dtype] if n == 'k' else 1e-5) for n, e in both.items()), both
 
     check()
+
+    # the backward's kernels at K = V <= 64 with scaled states: dx = S_t do_t alone, then both passes' gradients
+    # together, by two kernels of one program per chunk, with the solve's dq = u (in q's dtype) and dlamb = -sum u * x;
+    # lamb spread over three decades
+    @settings(max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True)
+    @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 20, 32, 64]),
+           dtype=st.sampled_from(list(STORED)), varlen=st.booleans(), C=st.sampled_from([16, 32, 64]),
+           gate=st.sampled_from(list(GATES)), betas=st.sampled_from(list(BETAS)),
+           cuts=st.lists(st.floats(0.05, 0.95), max_size=3), seed=st.integers(0, 2 ** 16))
+    @example(B=1, T=100, H=2, K=64, dtype=torch.bfloat16, varlen=True, C=64, gate='mid', betas='any', cuts=[0.4],
+             seed=3)
+    def check_fused(B, T, H, K, dtype, varlen, C, gate, betas, cuts, seed):
+        ops, ref_s, ref_h, kw, bounds = case(B, T, H, K, K, dtype, varlen, C, gate, betas, cuts, True, seed)
+        x, k, v, beta, do, u, gc, h_kv, dh_kv, h_kk, dh_u = ops
+        dx = mesa_bwd_dx(k, v, beta, do, h_kv, gc, **kw)
+        lamb = torch.exp(torch.empty(x.shape[2], K).uniform_(-5, 2))           # 0.007 to 7.4
+        dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **kw)
+        dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(k, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **kw)
+        assert dq.dtype == dk.dtype == dv.dtype == dtype
+        # the gate's gradient takes x . dq, dq the query's gradient of both passes, as x . diag(lamb) u (what it is
+        # when u solves the adjoint system; here x and u are random)
+        x_dq = (x.double() * (ref_s[0] - ref_h[0])).sum(-1)
+        dg_ref = ref_s[4] - ref_h[4] - x_dq + (x.double() * lamb.double() * u.double()).sum(-1)
+        errs = {'x': rel(dx, ref_s[0]), 'q': rel(dq.float(), u.double()), 'k': rel(dk.float(), ref_s[1] - ref_h[1] -
+                ref_h[2]), 'v': rel(dv.float(), ref_s[2]), 'g': rel(dg, dg_ref),
+                'beta': rel(dbeta, ref_s[3] - ref_h[3]), 'lamb': rel(dlamb, -(u.double() * x).sum((0, 1)))}
+        print(x.shape, dtype, bounds, C, gate, betas, {n: f'{e:.1e}' for n, e in errs.items()}, flush=True)
+        assert all(e < (STORED[dtype] if n in ('q', 'k', 'v') else 1e-5) for n, e in errs.items()), errs
+
+    check_fused()
     print('OK')
 ''')
 
@@ -548,5 +583,6 @@ def test_gla_backward_kernels_in_interpreter():
     multiple of the chunk, chunks of 16-64, varlen with up to four sequences, K and V of one or two tiles and unequal,
     gates near 1 to e^-5 a token, beta near 0 and near 1, states in float32 or float16 with a power of two per column
     (`ScaledStates`); then H's side (gradients of -u) added in place onto S's buffers, k's gradient stored in k's
-    dtype."""
+    dtype. Then `mesa_backward`'s kernels (K = V <= 64, float16 states) on such cases: dx alone, and both sides'
+    gradients together, the gate's with x . dq taken as x . diag(lamb) u, lamb over three decades."""
     run_in_interpreter(GLA_BWD_SCRIPT)

@@ -295,13 +295,22 @@ def test_gla_backward_rejects_dv_out_of_another_shape():
         chunk_gla_bwd(x, x, x, row, x, state, state, row, dv_out=torch.zeros(1, 8, 2, 5))
 
 
-def test_gla_backward_rejects_solve_grads_off_h_pass():
-    # the solve's gradients come only from H's pass (v is k) into a buffer of k's shape
-    from fla_mesa.ops.gla_backward import chunk_gla_bwd
-    x, row, state = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2), torch.zeros(1, 1, 2, 4, 4)
-    for v, dq in [(x, torch.zeros(1, 8, 2, 5)), (torch.zeros(1, 8, 2, 6), x)]:
-        with pytest.raises(ValueError, match="`solve_dq` needs v and solve_dq of k's shape"):
-            chunk_gla_bwd(x, x, v, row, v, state, state, row, solve_dq=dq)
+def test_fused_backward_kernels_reject_other_shapes_and_float32_states():
+    # the checks run before any launch, so they hold on the CPU too
+    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
+    from fla_mesa.ops.scaled_states import ScaledStates
+    x, row = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2)
+    state = torch.zeros(1, 1, 2, 4, 4)
+    scaled = ScaledStates.of(state)
+    with pytest.raises(ValueError, match="mesa_bwd_dx: expected v of k's shape with K <= 64"):
+        mesa_bwd_dx(x, torch.zeros(1, 8, 2, 6), row, x, scaled, row)
+    wide = torch.zeros(1, 8, 2, 80)
+    with pytest.raises(ValueError, match="mesa_bwd_dk: expected v of k's shape with K <= 64"):
+        mesa_bwd_dk(wide, wide, wide, row, wide, wide, row, scaled, scaled, scaled, scaled, row)
+    with pytest.raises(ValueError, match="mesa_bwd_dk: `dh_u` must be `ScaledStates`"):
+        mesa_bwd_dk(x, x, x, row, x, x, row, scaled, scaled, state, scaled, row)
+    with pytest.raises(ValueError, match="mesa_bwd_dw: `dh_kv` must be `ScaledStates`"):
+        mesa_bwd_dw(x, x, x, x, row, x, x, scaled, state, row, x)
 
 
 def test_bad_cu_seqlens_values():
