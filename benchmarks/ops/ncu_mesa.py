@@ -12,7 +12,7 @@ each part and the loop's opcodes by samples.
 
 Usage (B=8 T=2048 H=16 bf16, lamb = 1, `benchmark_mesa.py`'s inputs; on a GPU whose runtime lets ncu read counters):
     ncu --clock-control none --set full --nvtx --nvtx-include 'prof/' -f -o fwd \\
-        -k 'regex:chunk_cg_kernel|chunk_state|gla_bwd|bwd_solve|chunk_bwd_kernel_dh|chunk_local_cumsum' \\
+        -k 'regex:chunk_cg_kernel|chunk_state|gla_bwd|mesa_bwd|bwd_solve|chunk_bwd_kernel_dh|chunk_local_cumsum' \\
         python benchmarks/ops/ncu_mesa.py run --part forward
     ncu --import fwd.ncu-rep --page details > fwd-details.txt
     ncu --import fwd.ncu-rep --page source --csv --print-source sass > fwd-sass.csv
