@@ -165,9 +165,12 @@ def _check(name, k, v, states):
             raise ValueError(f"{name}: `{n}` must be `ScaledStates` (float16 values, a power of two per column)")
 
 
-def _grid(k, cu_seqlens, chunk_indices, chunk_size):
-    B, T, H, _ = k.shape
-    return (triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices), B * H)
+def _launch(k, cu_seqlens, chunk_indices, chunk_size):
+    # (the grid of one program per chunk and head, the kernels' shared keyword arguments)
+    B, T, H, K = k.shape
+    grid = (triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices), B * H)
+    return grid, dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, K=K, BT=chunk_size,
+                      BK=max(16, triton.next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None, **launch_config())
 
 
 def mesa_bwd_dx(
@@ -195,9 +198,8 @@ def mesa_bwd_dx(
     _check('mesa_bwd_dx', k, v, dict(h_kv=h_kv))
     B, T, H, K = k.shape
     dx = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
-    mesa_bwd_dx_kernel[_grid(k, cu_seqlens, chunk_indices, chunk_size)](
-        k, v, beta, do, *h_kv, gc, dx, cu_seqlens, chunk_indices, T=T, H=H, K=K, BT=chunk_size,
-        BK=max(16, triton.next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None, **launch_config())
+    grid, kw = _launch(k, cu_seqlens, chunk_indices, chunk_size)
+    mesa_bwd_dx_kernel[grid](k, v, beta, do, *h_kv, gc, dx, **kw)
     return dx
 
 
@@ -236,9 +238,8 @@ def mesa_bwd_dk(
     B, T, H, K = k.shape
     dk = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
     dg = torch.empty(B, T, H, dtype=torch.float32, device=k.device)
-    mesa_bwd_dk_kernel[_grid(k, cu_seqlens, chunk_indices, chunk_size)](
-        x, k, v, beta, do, u, lamb, *h_kk, *h_kv, *dh_u, *dh_kv, gc, dk, dg, cu_seqlens, chunk_indices, T=T, H=H, K=K,
-        BT=chunk_size, BK=max(16, triton.next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None, **launch_config())
+    grid, kw = _launch(k, cu_seqlens, chunk_indices, chunk_size)
+    mesa_bwd_dk_kernel[grid](x, k, v, beta, do, u, lamb, *h_kk, *h_kv, *dh_u, *dh_kv, gc, dk, dg, **kw)
     return dk, dg
 
 
@@ -269,12 +270,10 @@ def mesa_bwd_dw(
     """
     _check('mesa_bwd_dw', k, v, dict(dh_u=dh_u, dh_kv=dh_kv))
     B, T, H, K = k.shape
-    grid = _grid(k, cu_seqlens, chunk_indices, chunk_size)
+    grid, kw = _launch(k, cu_seqlens, chunk_indices, chunk_size)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=k.device)
     # a row of dlamb's partial sums per chunk (over all sequences), summed below
     dlamb = torch.empty(B * grid[0], H, K, dtype=torch.float32, device=k.device)
-    mesa_bwd_dw_kernel[grid](x, k, v, beta, do, u, *dh_u, *dh_kv, gc, dk_key, dq, dk, dv, dbeta, dlamb, cu_seqlens,
-                             chunk_indices, T=T, H=H, K=K, BT=chunk_size, BK=max(16, triton.next_power_of_2(K)),
-                             IS_VARLEN=cu_seqlens is not None, **launch_config())
+    mesa_bwd_dw_kernel[grid](x, k, v, beta, do, u, *dh_u, *dh_kv, gc, dk_key, dq, dk, dv, dbeta, dlamb, **kw)
     return dq, dk, dv, dbeta, dlamb.sum(0)
