@@ -82,7 +82,7 @@ def registers(B, T, H, D):
         h_kk = ScaledStates.of(torch.randn_like(dh)) if isinstance(h_kv, ScaledStates) else torch.randn_like(dh)
 
         def both_sides():
-            dq, dv, dk, dg, dbeta, _ = gla_backward.chunk_gla_bwd(x, k, v, beta, do, h_kv, dh, gc)
+            dq, dv, dk, dg, dbeta = gla_backward.chunk_gla_bwd(x, k, v, beta, do, h_kv, dh, gc)
             gla_backward.chunk_gla_bwd(x, k, k, beta, u, h_kk, dh, gc, acc=(dk, dk, dg, dbeta), negate=True,
                                        with_dq=False)
         for cap in CAPS:

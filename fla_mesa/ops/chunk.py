@@ -162,7 +162,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
     states = dict(varlen, scaled=fp32_backward and scaled_states(k))
     if states['scaled'] and cg_steps > 0 and v.shape == k.shape:
         return _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init,
-                          cg_precond, states)
+                          cg_precond, varlen)
     h_kk = None
     if through_h and states['scaled'] and v.shape == k.shape:
         # both scans from one launch; H's float16 states wait through S's pass, which is not the backward's peak
@@ -224,20 +224,19 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
 
 
 def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init, cg_precond,
-               states):
+               varlen):
     """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: dx = S_t do_t first, the adjoint solve, both
     passes' state gradients, then both passes' gradients together (`mesa_backward`)."""
     from fla.ops.utils import chunk_local_cumsum
 
-    varlen = {n: states[n] for n in ('cu_seqlens', 'chunk_indices', 'chunk_size')}
-    (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, **states)
+    (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, scaled=True, **varlen)
     dx = mesa_bwd_dx(k, v, beta, do, h_kv, gc, **varlen)
     u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, cg_precond=cg_precond,
                              **varlen)
     del dx
     # H's pass has output gradient -u: the scan of +u takes -dht_kk, and its gradients are subtracted
-    dh_kv, dh0_kv = chunk_state_grads_bwd(x, do, gc, dht_kv, h0_kv is not None, **varlen)
-    dh_u, dh0_u = chunk_state_grads_bwd(x, u, gc, None if dht_kk is None else -dht_kk, h0_kk is not None, **varlen)
+    dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, scaled=True, **varlen)
+    dh_u, dh0_u = _state_grads(x, k, k, u, h0_kk, None if dht_kk is None else -dht_kk, gc, scaled=True, **varlen)
     dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **varlen)
     del h_kk, h_kv  # the states go before the last kernel's outputs come (the backward's peak of memory)
     dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(q, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **varlen)

@@ -4,8 +4,8 @@ In PyTorch it was about twenty launches of casts, products and sums over `[B, T,
 15.3 GPU ms of a forward+backward at D=128 on an H100, benchmarks/RESULTS.md). Each kernel here reads its inputs
 once, works in float32 and writes each result once, in its final dtype. Every tensor is contiguous `[B, T, H, *]`;
 a program takes `BT` rows (tokens, over B * T) of one head. `bwd_prep` and `bwd_combine` serve `fp32_backward=False`
-only (the default's `gla_backward` kernels need neither); `bwd_solve` serves both, except where the default's
-states are scaled (its last gradient pass gives dq and dlamb itself).
+only (the default's `gla_backward` kernels need neither); `bwd_solve` serves both, except where `mesa_backward`'s
+kernels give dq and dlamb themselves (K = V <= 64 with scaled states).
 """
 
 import torch

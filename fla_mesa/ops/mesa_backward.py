@@ -156,8 +156,7 @@ def launch_config() -> dict:
 
 
 def _check(name, k, v, states):
-    B, T, H, K = k.shape
-    if K > 64 or v.shape != k.shape:
+    if k.shape[-1] > 64 or v.shape != k.shape:
         raise ValueError(f"{name}: expected v of k's shape with K <= 64 (one program holds a chunk's whole tiles), got "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     for n, s in states.items():
