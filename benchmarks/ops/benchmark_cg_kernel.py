@@ -67,6 +67,8 @@ def launch(mod, args, steps, BR=None, num_warps=None):
         out_opts.update(SCALED_STATES=scaled)
     if 'STORE_X' in mod.chunk_cg_kernel.arg_names:  # kernels since the no-grad forward: x written, as for training
         out_opts.update(STORE_X=True)
+    if 'ADJOINT' in mod.chunk_cg_kernel.arg_names:  # kernels since the adjoint's right-hand side: b given
+        out_opts.update(ADJOINT=False)
     mod.chunk_cg_kernel[(triton.cdiv(T, 64) * (64 // BR), B * H)](
         q, k, beta, gc, *states, lamb, x, iters, *out_args, None, None, tol_sq=0., steps=steps, T=T, H=H, K=K,
         BT=64, BR=BR, BK=BK, JACOBI=True, STORE_ITERS=True, IS_VARLEN=False, **out_opts,

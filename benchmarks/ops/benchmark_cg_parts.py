@@ -48,7 +48,7 @@ def launch(d, steps, jacobi, output, BR, warps):
         d['q'], d['k'], d['beta'], d['gc'], h_kk, hsc, d['lamb'], d['x'], None,
         *((d['v'], h_kv, hvsc, d['o']) if output else (None,) * 4), None, None, tol_sq=0., steps=steps, T=T, H=H,
         K=D, V=D, BT=64, BR=BR, BK=D, BV=OUTPUT_BV, PDT=products_dtype(d['k'].dtype), SCALED_STATES=hsc is not None,
-        SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_X=True, STORE_ITERS=False, OUTPUT=output,
+        SOLVE=steps > 0, JACOBI=jacobi, PRECOND=False, STORE_X=True, STORE_ITERS=False, OUTPUT=output, ADJOINT=False,
         IS_VARLEN=False,
         num_warps=warps, num_stages=1)
 

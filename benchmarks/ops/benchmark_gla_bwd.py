@@ -5,7 +5,7 @@ Each kernel runs as the backward calls it: S's side (value v, output gradient do
 bf16, output gradient u in float32, added onto S's buffers), on chunk states stored as `chunk_mesa` stores them for
 bf16 inputs (float16 with column scales at D <= 64). Prints ms per call (`triton.testing.do_bench` median)
 for each configuration and the sum over the two sides, marking `launch_configs`' choice. At D <= 64, where
-`chunk_mesa`'s backward runs `mesa_backward`'s three kernels instead, it first prints theirs at 4 and 8 warps on the
+`chunk_mesa`'s backward runs `mesa_backward`'s two kernels instead, it first prints theirs at 4 and 8 warps on the
 same inputs, beside the four launches above at `launch_configs`.
 """
 
@@ -65,12 +65,10 @@ def launch(kernel, d, side, BK, BV, num_warps, num_stages, chunk_size=64):
 
 
 def launch_fused(kernel, d):
-    """One call of `mesa_backward`'s `kernel` ('dx', 'dk' or 'dw') on these inputs (D <= 64, scaled states; both
-    sides' states and state gradients are `h` and `dh`)."""
+    """One call of `mesa_backward`'s `kernel` ('dk' or 'dw') on these inputs (D <= 64, scaled states; both sides'
+    states and state gradients are `h` and `dh`)."""
     h, dh = d['h'], d['dh']
-    if kernel == 'dx':
-        mesa_backward.mesa_bwd_dx(d['k'], d['v'], d['beta'], d['do'], h, d['gc'])
-    elif kernel == 'dk':
+    if kernel == 'dk':
         mesa_backward.mesa_bwd_dk(d['x'], d['k'], d['v'], d['beta'], d['do'], d['u'], d['lamb'], h, h, dh, dh, d['gc'])
     else:
         mesa_backward.mesa_bwd_dw(d['k'], d['x'], d['k'], d['v'], d['beta'], d['do'], d['u'], dh, dh, d['gc'], d['x'])
@@ -82,12 +80,12 @@ def fused_table(d, D):
     for warps in (4, 8):
         with mock.patch.object(mesa_backward, 'launch_config', lambda w=warps: dict(num_warps=w, num_stages=1)):
             rows.append((warps, [do_bench(lambda k=k: launch_fused(k, d), warmup=10, rep=40)
-                                 for k in ('dx', 'dk', 'dw')]))
+                                 for k in ('dk', 'dw')]))
     dqkg, dw = gla_backward.launch_configs(D, D)
     four = sum(do_bench(lambda k=k, s=s, c=c: launch(k, d, s, c['BK'], c['BV'], c['num_warps'], c['num_stages']),
                         warmup=10, rep=40) for k, c in (('dqkg', dqkg), ('dw', dw)) for s in ('S', 'H'))
     print(f"\n## D = {D}, `mesa_backward`'s kernels (ms per call; the four GLA launches at `launch_configs`: "
-          f"{four:.4f})\n| warps | dx | dk | dw | sum |\n|---|---|---|---|---|")
+          f"{four:.4f})\n| warps | dk | dw | sum |\n|---|---|---|---|")
     for warps, ms in rows:
         mark = ' (`launch_config`)' if warps == mesa_backward.launch_config()['num_warps'] else ''
         print(f"| {warps} | {' | '.join(f'{t:.4f}' for t in ms)} | {sum(ms):.4f}{mark} |")

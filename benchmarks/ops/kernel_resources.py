@@ -84,7 +84,7 @@ def cg_kernel(K: int, output: bool, precond: bool = False):
                tol_sq='fp32', steps='i32', T='i32', **state)
     const = dict(cu_seqlens=None, chunk_indices=None, H=16, K=K, V=K, BT=64, BR=cfg['BR'], BK=cfg['BK'], BV=OUTPUT_BV,
                  PDT=tl.float16, SCALED_STATES=scaled, SOLVE=True, JACOBI=True, PRECOND=precond, STORE_X=True,
-                 STORE_ITERS=False, OUTPUT=output, IS_VARLEN=False, **({} if scaled else dict(hsc=None)))
+                 STORE_ITERS=False, OUTPUT=output, ADJOINT=False, IS_VARLEN=False, **({} if scaled else dict(hsc=None)))
     if output:
         sig.update(v='*bf16', h_kv=state['h'], o='*bf16', **(dict(hvsc='*fp32') if scaled else {}))
         const.update({} if scaled else dict(hvsc=None))

@@ -20,7 +20,7 @@ from benchmark_mesa import inputs  # noqa: E402
 
 B, T, H = 8, 2048, 16
 STEPS = ('chunk_states_fwd', 'chunk_state_pair_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_gla_bwd', 'bwd_solve',
-         'bwd_prep', '_gla_bwd', 'bwd_combine', 'mesa_bwd_dx', 'mesa_bwd_dk', 'mesa_bwd_dw')
+         'bwd_prep', '_gla_bwd', 'bwd_combine', 'mesa_bwd_dk', 'mesa_bwd_dw')
 
 
 def record(module, name, log):

@@ -176,6 +176,7 @@ def chunk_cg_kernel(
     STORE_X: tl.constexpr,
     STORE_ITERS: tl.constexpr,
     OUTPUT: tl.constexpr,
+    ADJOINT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     # one program: BR rows (tokens) of one chunk of BT, one head; the keys are the chunk's first BT rows
@@ -194,6 +195,8 @@ def chunk_cg_kernel(
     p_tk = row[:, None] * K + o_k[None, :]
 
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.).to(tl.float32)
+    if ADJOINT:  # V = K, float16 states: b holds the output gradient do, whose S_t do_t is formed below
+        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), 0, K, V, BK)
     b_k = tl.load(k + row_s[:, None] * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.).to(tl.float32)
     b_beta = tl.load(beta + row_s, mask=m_s, other=0.).to(tl.float32)
     b_gs = tl.load(gc + row_s, mask=m_s, other=0.).to(tl.float32)
@@ -212,6 +215,16 @@ def chunk_cg_kernel(
     b_eg = tl.exp2(b_g)
     b_kq, b_ksc = _scaled(b_k, PDT)
     b_kc = b_ksc * b_ksc * b_dsc
+    if ADJOINT:
+        # the right-hand side S_t do_t = exp2(g_t) S_c do_t + sum_{s <= t} exp2(g_t - g_s) beta_s (do_t . v_s) k_s,
+        # with S_c = h_kv [K, V] (float16, a power of two per value column): the output pass's products, transposed
+        b_doq, b_dosc = _scaled_rows(b_b, PDT)
+        b_vq, b_vsc = _scaled_rows(b_v.to(tl.float32), PDT)
+        b_ds, b_dssc = _scaled_rows(tl.dot(b_doq, tl.trans(b_vq)) * b_vsc[None, :] * b_decay, PDT)
+        b_hvsc = tl.load(hvsc + (i_tg * H + i_h).to(tl.int64) * V + o_k, mask=m_k, other=1.)
+        b_dhq, b_dhsc = _scaled_rows(b_b * b_hvsc[None, :], PDT)
+        b_b = ((b_dosc * b_dssc * (b_ksc * b_dsc))[:, None] * tl.dot(b_ds, b_kq)
+               + (b_dhsc * b_eg)[:, None] * tl.dot(b_dhq, tl.trans(b_hv.to(PDT))))
 
     b_x = b_b
     b_cnt = tl.zeros([BR], dtype=tl.int32)
@@ -325,6 +338,7 @@ def chunk_cg_solve(
     h_kv: torch.Tensor | None = None,
     cg_precond: str = 'none',
     store_x: bool = True,
+    adjoint: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     r"""Triton: solves (H_t + diag(lamb)) x_t = b_t for all t by CG, chunk by chunk; with `v` and `h_kv`, also
     the output o_t = G_t x_t from the same kernel.
@@ -338,11 +352,17 @@ def chunk_cg_solve(
         or neither).
         cg_precond: `'jacobi'` preconditions CG with diag(H_t + diag(lamb)); `'none'`: plain CG.
         store_x: with `v`, False skips writing x (K <= 128; an inference forward needs only o).
+        adjoint: the backward's adjoint solve, with `v` and `h_kv` as `ScaledStates` (V = K <= 64): `b` is then the
+            output gradient do `[B, T, H, V]`, the right-hand side S_t do_t = G_t^T do_t is formed in the kernel from
+            v and h_kv (no round trip of it through memory), and no output is returned.
     Returns:
         x `[B, T, H, K]` float32 (None if not `store_x`), the iterations each token ran (int32 `[B, T, H]`) if
-        `return_iters`, and o `[B, T, H, V]` in v's dtype if `v` is given.
+        `return_iters`, and o `[B, T, H, V]` in v's dtype if `v` is given (None with `adjoint`).
     """
     B, T, H, K = b.shape
+    if adjoint and (v is None or state_parts(h_kv)[1] is None or v.shape != b.shape or K > 64):
+        raise ValueError("chunk_cg_solve: adjoint=True needs `v` of b's shape with K <= 64 and `h_kv` as "
+                         f"ScaledStates, got b {tuple(b.shape)}, v {None if v is None else tuple(v.shape)}")
     if K > MAX_KERNEL_K:
         if v is not None:
             raise ValueError(f"chunk_cg_solve: the fused output needs K <= {MAX_KERNEL_K}, got K={K}")
@@ -361,7 +381,7 @@ def chunk_cg_solve(
     x = torch.empty(B, T, H, K, dtype=torch.float32, device=b.device) if store_x else None
     iters = torch.empty(B, T, H, dtype=torch.int32, device=b.device) if return_iters else None
     V = 1 if v is None else v.shape[-1]
-    o = None if v is None else torch.empty_like(v)
+    o = None if v is None or adjoint else torch.empty_like(v)
     cfg = cg_launch_config(K, chunk_size)
     chunk_cg_kernel[(NT * (chunk_size // cfg['BR']), B * H)](
         b, k, beta, gc, h_kk, hsc, lamb.float().contiguous(), x, iters, v, h_kv, hvsc, o, cu_seqlens, chunk_indices,
@@ -380,7 +400,8 @@ def chunk_cg_solve(
         PRECOND=cg_precond == 'jacobi',
         STORE_X=store_x,
         STORE_ITERS=return_iters,
-        OUTPUT=v is not None,
+        OUTPUT=o is not None,
+        ADJOINT=adjoint,
         IS_VARLEN=cu_seqlens is not None,
         num_stages=1,
         **cfg,

@@ -12,8 +12,8 @@ the forward stored them (float32 for fla's primitives, `fp32_backward=False`). T
 gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
 float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
 dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s
-PyTorch twin. At K = V <= 64 with scaled states and CG steps, `mesa_backward`'s kernels take dx before the adjoint solve
-and then both passes' gradients together (`_fused_bwd`).
+PyTorch twin. At K = V <= 64 with scaled states and CG steps, the adjoint CG kernel forms dx from do itself, and
+`mesa_backward`'s kernels take both passes' gradients together (`_fused_bwd`).
 """
 
 import torch
@@ -23,7 +23,7 @@ from fla_mesa.ops import cg
 from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
-from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
+from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw
 from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
@@ -225,15 +225,13 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
 
 def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init, cg_precond,
                varlen):
-    """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: dx = S_t do_t first, the adjoint solve, both
-    passes' state gradients, then both passes' gradients together (`mesa_backward`)."""
+    """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: the adjoint solve from do (its kernel forms
+    dx = S_t do_t), both passes' state gradients, then both passes' gradients together (`mesa_backward`)."""
     from fla.ops.utils import chunk_local_cumsum
 
     (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, scaled=True, **varlen)
-    dx = mesa_bwd_dx(k, v, beta, do, h_kv, gc, **varlen)
-    u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, cg_precond=cg_precond,
-                             **varlen)
-    del dx
+    u, _, _ = chunk_cg_solve(do, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, v=v, h_kv=h_kv,
+                             cg_precond=cg_precond, adjoint=True, **varlen)
     # H's pass has output gradient -u: the scan of +u takes -dht_kk, and its gradients are subtracted
     dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, scaled=True, **varlen)
     dh_u, dh0_u = _state_grads(x, k, k, u, h0_kk, None if dht_kk is None else -dht_kk, gc, scaled=True, **varlen)

@@ -1,21 +1,20 @@
-"""The Mesa backward's per-chunk passes at K = V <= 64 with float16 scaled states: dx before the adjoint solve, then
-both GLA passes' gradients together.
+"""The Mesa backward's per-chunk passes at K = V <= 64 with float16 scaled states: both GLA passes' gradients together.
 
 The backward's two GLA passes (S's: query x, key k, value beta * v, output gradient do; H's: value beta * k, output
 gradient -u) share their query, key and gate. `gla_backward`'s kernels run them one after the other, four launches
 that each read x, k and the gate again and each form their own score matrices, and S's pass also yields
-dx = S_t do_t, the adjoint solve's right-hand side, which H's pass waits on. Here dx comes first from a small kernel
-of its own; once u is solved, `mesa_bwd_dk` takes k's gradient as the key and the gate's for both passes from one ds,
-and `mesa_bwd_dw` the values' gradients of both from one score matrix, with the solve's dq = u and dlamb from the
-same tiles. The query's gradient of both passes, dq_t = S_t do_t - H_t u_t, enters only the gate's gradient, as
-x_t . dq_t; since (H_t + diag(lamb)) u_t = S_t do_t, that is x_t . diag(lamb) u_t, exact for the exact solve, so
-no product forms it. fla has no such kernels (its MesaNet backward runs one kernel a side, on bf16 operands).
+dx = S_t do_t, the adjoint solve's right-hand side, which H's pass waits on. Here the adjoint CG kernel forms dx
+itself (`chunk_cg_solve(..., adjoint=True)`); once u is solved, `mesa_bwd_dk` takes k's gradient as the key and the
+gate's for both passes from one ds, and `mesa_bwd_dw` the values' gradients of both from one score matrix, with the
+solve's dq = u and dlamb from the same tiles. The query's gradient of both passes, dq_t = S_t do_t - H_t u_t,
+enters only the gate's gradient, as x_t . dq_t; since (H_t + diag(lamb)) u_t = S_t do_t, that is
+x_t . diag(lamb) u_t, exact for the exact solve, so no product forms it. fla has no such kernels (its MesaNet
+backward runs one kernel a side, on bf16 operands).
 Products are float32 (tf32) on operands read in their own dtype, as in `gla_backward`; one program holds a chunk's
 whole tiles (one program for all of it held too many to be fast: benchmarks/RESULTS.md).
 
 Per chunk (t, s in the chunk, s <= t; G the chunk-local cumulative log2 gate; h, dh a side's chunk-start state and
 chunk-end state gradient; w = beta * value; a side's output gradient e: do for S, -u for H):
-    dx_t = 2^G_t h_S do_t + sum_s 2^(G_t - G_s) (do_t . w_s) k_s
     ds_ts = 2^(G_t - G_s) sum_sides (e_t . w_s)
     dk_s = 2^(G_last - G_s) sum_sides dh w_s + sum_t ds_ts x_t       (k as the key)
     dw_s = 2^(G_last - G_s) dh^T k_s + sum_t A_st e_t                 (per side: v's as S's value, k's as H's)
@@ -53,26 +52,6 @@ def _chunk_program(cu_seqlens, chunk_indices, T, H: tl.constexpr, K: tl.constexp
     row = (bos + o_t) * H + i_h
     return ((i_tg * H + i_h).to(tl.int64), o_t, row, m_t, row[:, None] * K + o_k[None, :], m_t[:, None] & m_k[None, :],
             (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h, o_t == tl.minimum(t0 + BT, T) - 1, o_k, m_k)
-
-
-@triton.jit(do_not_specialize=['T'])
-def mesa_bwd_dx_kernel(k, v, beta, do, h, hsc, gc, dx, cu_seqlens, chunk_indices, T, H: tl.constexpr,
-                       K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # one program: one chunk of one head, all of K and V (= K)
-    i_state, o_t, row, m_t, p_tk, m_tk, _, _, o_k, m_k = _chunk_program(cu_seqlens, chunk_indices, T, H, K, BT, BK,
-                                                                         IS_VARLEN)
-    b_g = tl.load(gc + row, mask=m_t, other=0.)
-    b_beta = tl.load(beta + row, mask=m_t, other=0.).to(tl.float32)
-    b_do = tl.load(do + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_w = tl.load(v + p_tk, mask=m_tk, other=0.).to(tl.float32) * b_beta[:, None]
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
-    b_h = _load_state(h, hsc, i_state, o_k, m_k, K)
-    m_ts = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    b_ds = tl.dot(b_do, tl.trans(b_w))
-    b_ds = tl.where(m_ts, b_ds * tl.exp2(tl.where(m_ts, b_g[:, None] - b_g[None, :], 0.)), 0.)
-    b_dx = tl.dot(b_do, tl.trans(b_h)) * tl.exp2(b_g)[:, None]
-    b_dx = tl.dot(b_ds, b_k, b_dx)
-    tl.store(dx + p_tk, b_dx, mask=m_tk)
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -149,9 +128,8 @@ def mesa_bwd_dw_kernel(x, k, v, beta, do, u, dh_u, dhsc_u, dh_kv, dhsc_kv, gc, d
 
 
 def launch_config() -> dict:
-    """The three kernels' warps and stages (one program per chunk, no loop to pipeline): 4 warps. dx's took 1.2x and
-    1.8x as long at 2 and 8 warps on an H100, the gradients' two 1.8x as long at 8 on an H200
-    (benchmarks/RESULTS.md)."""
+    """The two kernels' warps and stages (one program per chunk, no loop to pipeline): 4 warps; they took 1.8x as long
+    at 8 on an H200, 1.6x on an H100 (benchmarks/RESULTS.md)."""
     return dict(num_warps=4, num_stages=1)
 
 
@@ -170,36 +148,6 @@ def _launch(k, cu_seqlens, chunk_indices, chunk_size):
     grid = (triton.cdiv(T, chunk_size) if cu_seqlens is None else len(chunk_indices), B * H)
     return grid, dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, H=H, K=K, BT=chunk_size,
                       BK=max(16, triton.next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None, **launch_config())
-
-
-def mesa_bwd_dx(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    do: torch.Tensor,
-    h_kv: ScaledStates,
-    gc: torch.Tensor,
-    cu_seqlens: torch.LongTensor | None = None,
-    chunk_indices: torch.LongTensor | None = None,
-    chunk_size: int = 64,
-) -> torch.Tensor:
-    r"""Triton: dx_t = S_t do_t, the gradient of the output o_t = S_t^T x_t with respect to x_t (the adjoint solve's
-    right-hand side), by chunks from S's chunk-start states.
-
-    Args:
-        k: `[B, T, H, K]`, K <= 64. v: `[B, T, H, K]` (V = K). beta: `[B, T, H]`. do: `[B, T, H, K]`. Any float dtypes.
-        h_kv: S's chunk-start states as `ScaledStates` `[B, NT, H, K, K]`. gc: the chunk-local cumulative log2 gate
-            `[B, T, H]` float32. cu_seqlens: `[N + 1]` offsets of packed sequences (B = 1) with their
-            `chunk_indices`.
-    Returns:
-        dx `[B, T, H, K]` float32.
-    """
-    _check('mesa_bwd_dx', k, v, dict(h_kv=h_kv))
-    B, T, H, K = k.shape
-    dx = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
-    grid, kw = _launch(k, cu_seqlens, chunk_indices, chunk_size)
-    mesa_bwd_dx_kernel[grid](k, v, beta, do, *h_kv, gc, dx, **kw)
-    return dx
 
 
 def mesa_bwd_dk(

@@ -259,13 +259,13 @@ def test_gla_bwd_benchmark_launches_the_fused_kernels(monkeypatch):
     from fla_mesa.ops import mesa_backward
     from fla_mesa.ops.scaled_states import ScaledStates
     bench = load(os.path.join(ROOT, 'benchmarks', 'ops', 'benchmark_gla_bwd.py'), 'ops_benchmark_gla_bwd')
-    names = ('mesa_bwd_dx_kernel', 'mesa_bwd_dk_kernel', 'mesa_bwd_dw_kernel')
+    names = ('mesa_bwd_dk_kernel', 'mesa_bwd_dw_kernel')
     for name in names:
         monkeypatch.setattr(mesa_backward, name, _KernelCall(getattr(mesa_backward, name)))
     t = torch.zeros(1, 64, 1, 64)
     d = dict(x=t, u=t, k=t.bfloat16(), v=t.bfloat16(), do=t.bfloat16(), beta=t[..., 0], gc=t[..., 0],
              lamb=torch.ones(1, 64), h=ScaledStates.of(torch.zeros(1, 1, 1, 64, 64)))
     d['dh'] = d['h']
-    for kernel in ('dx', 'dk', 'dw'):
+    for kernel in ('dk', 'dw'):
         bench.launch_fused(kernel, d)
     assert all(getattr(mesa_backward, name).calls == 1 for name in names)

@@ -208,6 +208,30 @@ FP16_SCRIPT = textwrap.dedent('''
     early = torch.where(torch.arange(T) < 20, 1e-7, 1.)[None, :, None]
     check(torch.randn(B, T, H, K), k, torch.randn(B, T, H, V) * 10 ** torch.linspace(-7, 2, V), g,
           torch.rand(B, T, H) * early, torch.rand(H, K) + 0.25, torch.zeros(B, H, K, K))
+
+    # the backward's adjoint solve (V = K, float16 states): the kernel forms the right-hand side S_t do_t from the
+    # output gradient do. Rows of do over 1e-6..1e6 and value channels from 1e-7 to 1e2: each token's S_t do_t at its
+    # own relative precision (against ||S_t|| ||do_t||), then (H_t + diag(lamb))^{-1} S_t do_t as from a given one
+    C = 64
+    v = torch.randn(B, T, H, K) * 10 ** torch.linspace(-7, 2, K)
+    do = torch.randn(B, T, H, K) * 10 ** (12 * torch.rand(B, T, H, 1) - 6)
+    beta, lamb = torch.rand(B, T, H), torch.rand(H, K) + 0.25
+    s_t = torch.zeros(B, H, K, K, dtype=torch.float64)
+    dx_ref, size = torch.empty(B, T, H, K, dtype=torch.float64), torch.empty(B, T, H, dtype=torch.float64)
+    for t in range(T):
+        s_t = g[:, t, :, None, None].double().exp() * s_t + (beta[:, t, :, None, None] * k[:, t, :, :, None] *
+                                                            v[:, t, :, None, :]).double()
+        dx_ref[:, t] = (s_t * do[:, t, :, None, :].double()).sum(-1)
+        size[:, t] = s_t.norm(dim=(-2, -1)) * do[:, t].double().norm(dim=-1)
+    u_ref = exact_solve(dx_ref, k, v, g, beta, lamb)[0]
+    gc2 = (chunk_cumsum(pad_to_chunks(g, C), C)[:, :T] / math.log(2)).contiguous()
+    h_kk, h_kv = (chunk_states_fwd(k, w, beta, gc2, chunk_size=C, scaled=True)[0] for w in (k, v))
+    dx = cg.chunk_cg_solve(do, k, beta, gc2, None, lamb, 0, None, 'jacobi', v=v, h_kv=h_kv, adjoint=True)[0]
+    u = cg.chunk_cg_solve(do, k, beta, gc2, h_kk, lamb, 30, None, 'jacobi', v=v, h_kv=h_kv, adjoint=True)[0]
+    errs = (rel(dx, dx_ref), ((dx.double() - dx_ref).norm(dim=-1) / size).max().item(), rel(u, u_ref),
+            rel(u, u_ref, -1))
+    print('adjoint: S_t do_t', errs[:2], 'u', errs[2:], flush=True)
+    assert errs[0] < 4 * 2 ** -11 and errs[2] < 4 * 2 ** -11 and max(errs[1], errs[3]) < 16 * 2 ** -11, errs
     print('OK')
 ''')
 
@@ -439,7 +463,8 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from fla.ops.utils import chunk_local_cumsum, prepare_chunk_indices
     from fla.ops.utils.constant import RCP_LN2
     from fla_mesa.ops.gla_backward import chunk_gla_bwd
-    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
+    from fla_mesa.ops.cg import chunk_cg_solve
+    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw
     from fla_mesa.ops.scaled_states import ScaledStates
     torch.manual_seed(0)
 
@@ -544,9 +569,9 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
 
     check()
 
-    # the backward's kernels at K = V <= 64 with scaled states: dx = S_t do_t alone, then both passes' gradients
-    # together, by two kernels of one program per chunk, with the solve's dq = u (in q's dtype) and dlamb = -sum u * x;
-    # lamb spread over three decades
+    # the backward's kernels at K = V <= 64 with scaled states: dx = S_t do_t from the adjoint CG kernel (its right-hand
+    # side, which zero CG steps return), then both passes' gradients together, by two kernels of one program per
+    # chunk, with the solve's dq = u (in q's dtype) and dlamb = -sum u * x; lamb spread over three decades
     @settings(max_examples=8, deadline=None, derandomize=True, database=None, print_blob=True)
     @given(B=st.integers(1, 2), T=st.integers(1, 150), H=st.integers(1, 2), K=st.sampled_from([16, 20, 32, 64]),
            dtype=st.sampled_from(list(STORED)), varlen=st.booleans(), C=st.sampled_from([16, 32, 64]),
@@ -557,8 +582,8 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     def check_fused(B, T, H, K, dtype, varlen, C, gate, betas, cuts, seed):
         ops, ref_s, ref_h, kw, bounds = case(B, T, H, K, K, dtype, varlen, C, gate, betas, cuts, True, seed)
         x, k, v, beta, do, u, gc, h_kv, dh_kv, h_kk, dh_u = ops
-        dx = mesa_bwd_dx(k, v, beta, do, h_kv, gc, **kw)
         lamb = torch.exp(torch.empty(x.shape[2], K).uniform_(-5, 2))           # 0.007 to 7.4
+        dx = chunk_cg_solve(do, k, beta, gc, None, lamb, 0, None, 'jacobi', v=v, h_kv=h_kv, adjoint=True, **kw)[0]
         dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **kw)
         dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(k, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **kw)
         assert dq.dtype == dk.dtype == dv.dtype == dtype

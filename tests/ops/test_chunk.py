@@ -297,13 +297,21 @@ def test_gla_backward_rejects_dv_out_of_another_shape():
 
 def test_fused_backward_kernels_reject_other_shapes_and_float32_states():
     # the checks run before any launch, so they hold on the CPU too
-    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw, mesa_bwd_dx
+    from fla_mesa.ops.cg import chunk_cg_solve
+    from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw
     from fla_mesa.ops.scaled_states import ScaledStates
     x, row = torch.zeros(1, 8, 2, 4), torch.zeros(1, 8, 2)
     state = torch.zeros(1, 1, 2, 4, 4)
     scaled = ScaledStates.of(state)
-    with pytest.raises(ValueError, match="mesa_bwd_dx: expected v of k's shape with K <= 64"):
-        mesa_bwd_dx(x, torch.zeros(1, 8, 2, 6), row, x, scaled, row)
+    lamb = torch.ones(2, 4)
+    # the adjoint solve that forms S_t do_t from do
+    with pytest.raises(ValueError, match="adjoint=True needs `v` of b's shape with K <= 64 and `h_kv` as ScaledStates"):
+        chunk_cg_solve(x, x, row, row, scaled, lamb, 1, None, 'jacobi', v=torch.zeros(1, 8, 2, 6), h_kv=scaled,
+                       adjoint=True)
+    with pytest.raises(ValueError, match="adjoint=True needs"):
+        chunk_cg_solve(x, x, row, row, scaled, lamb, 1, None, 'jacobi', v=x, h_kv=state, adjoint=True)
+    with pytest.raises(ValueError, match="adjoint=True needs"):
+        chunk_cg_solve(x, x, row, row, scaled, lamb, 1, None, 'jacobi', adjoint=True)
     wide = torch.zeros(1, 8, 2, 80)
     with pytest.raises(ValueError, match="mesa_bwd_dk: expected v of k's shape with K <= 64"):
         mesa_bwd_dk(wide, wide, wide, row, wide, wide, row, scaled, scaled, scaled, scaled, row)
