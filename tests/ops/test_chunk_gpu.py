@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mesa_inputs import grads_on, make_inputs, rel, spread_errors
 
 from fla_mesa.ops import chunk_mesa, naive_recurrent_mesa
@@ -122,6 +124,59 @@ def test_jacobi_preconditioned_cg_on_gpu(dtype):
     assert rel(o, o_ref) < FP32_GPU
     errs = grad_errors(grads, g_ref)
     assert all(e < FP32_GPU for e in errs.values()), errs
+
+
+def segments_of(fn, cu, q, k, v, g, beta, lamb, state, cot, **kw):
+    """`grads_of` for packed sequences: `fn` on each of them (float64 references take no cu_seqlens), their outputs
+    joined and final states stacked, the gradients through the slices."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+    st_ = None if state is None else tuple(s.detach().clone().requires_grad_() for s in state)
+    outs, finals = [], []
+    for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        init = None if st_ is None else tuple(s[n:n + 1] for s in st_)
+        o, fs = fn(*(t[:, a:b] for t in leaves[:5]), leaves[5], initial_state=init, output_final_state=True, **kw)
+        outs.append(o)
+        finals.append(fs)
+    o, h_kk, h_kv = torch.cat(outs, 1), torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
+    loss = sum((t * c.to(t)).sum() for t, c in zip((o, h_kk, h_kv), cot))
+    return o, (h_kk, h_kv), torch.autograd.grad(loss, leaves + ([] if st_ is None else list(st_)))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, database=None, print_blob=True)
+@given(T=st.integers(1, 300), dtype=st.sampled_from([torch.bfloat16, torch.float16]), varlen=st.booleans(),
+       cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=3), gate=st.sampled_from(['keep', 'mid', 'forget']),
+       betas=st.sampled_from(['low', 'any', 'high']), lamb_lo=st.sampled_from([0.3, 2.0]), init=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_half_precision_at_head_dim_64_matches_float64(T, dtype, varlen, cuts, gate, betas, lamb_lo, init, seed):
+    """bf16 and float16 inputs at K = V = 64, where the forward keeps float16 states and products and the backward
+    runs its fused path (the adjoint CG forming S_t do_t from do, `mesa_backward`'s two kernels, float16 state
+    gradients), against the float64 exact solve on the same rounded inputs and cotangents: the output, the final
+    states and every gradient within the storage's rounding (2^-8 for bf16, 2^-11 for float16) plus a few units of
+    the 11-bit products (4 * 2^-11), as FP32_GPU allows tf32; T over chunk boundaries, varlen, gates and beta at
+    both ends, lamb over a decade."""
+    bounds = sorted({0, T, *(int(c * T) for c in cuts)}) if varlen else [0, T]
+    N, B, H = len(bounds) - 1, 1 if varlen else 2, 2
+    q, k, v, g, beta, lamb, _ = make_inputs(B, T, H, 64, 64, gate=gate, beta_range=betas,
+                                            lamb_range=(lamb_lo, 10 * lamb_lo), dtype=dtype, seed=seed)
+    state = make_inputs(max(N, B), 1, H, 64, 64, initial_state=True, seed=seed + 1)[-1] if init else None
+    state = None if state is None else tuple(s.float() for s in state)
+    gen = torch.Generator().manual_seed(seed)
+    # cotangents as the half dtype holds them, so that their rounding is no error of ours
+    cot = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).double()
+           for s in ((B, T, H, 64), (max(N, B), H, 64, 64), (max(N, B), H, 64, 64))]
+    up = [t.double() for t in (q, k, v, g, beta, lamb)] + [None if state is None else tuple(x.double() for x in state)]
+    if varlen:
+        cu = torch.tensor(bounds)
+        o_ref, s_ref, g_ref = segments_of(naive_recurrent_mesa, cu, *cuda(*up), cuda(*cot))
+        o, s, grads = grads_of(chunk_mesa, *cuda(q, k, v, g, beta, lamb, state), cuda(*cot), cu_seqlens=cu.cuda())
+    else:
+        o_ref, s_ref, g_ref = grads_of(naive_recurrent_mesa, *cuda(*up), cuda(*cot))
+        o, s, grads = grads_of(chunk_mesa, *cuda(q, k, v, g, beta, lamb, state), cuda(*cot))
+    errs = {'o': rel(o, o_ref), 'h_kk': rel(s[0], s_ref[0]), 'h_kv': rel(s[1], s_ref[1]), **grad_errors(grads, g_ref)}
+    bound = (2 ** -8 if dtype == torch.bfloat16 else 2 ** -11) + 4 * 2 ** -11
+    print(f"\n[{dtype} T={T} {bounds} {gate} {betas} lamb {lamb_lo} init {init}] max {max(errs.values()):.2e} "
+          f"(bound {bound:.2e}): " + ' '.join(f'{n} {e:.1e}' for n, e in errs.items()))
+    assert all(e < bound for e in errs.values()), errs
 
 
 def test_varlen_and_two_pieces_on_gpu():
