@@ -107,13 +107,13 @@ def _system_product(b_p, b_psc, b_k, b_kc, b_hm, b_hsc, b_decay, b_eg, b_lamb):
 
 
 @triton.jit
-def _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_hc, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+def _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_state, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     # the output pass's tiles of value columns [i_v * BV, (i_v + 1) * BV) as stored: the chunk's values and the
-    # chunk-start state h_kv's columns (i_hc: the chunk's and head's state)
+    # chunk-start state h_kv's columns (i_state: the chunk's and head's state)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_v = tl.load(v + row_s[:, None] * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0.)
-    b_hv = tl.load(h_kv + i_hc * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
+    b_hv = tl.load(h_kv + i_state * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
     return b_v, b_hv
 
 
@@ -184,6 +184,7 @@ def chunk_cg_kernel(
     i_t, i_r = i_tr // (BT // BR), i_tr % (BT // BR)
     i_b, i_h = i_bh // H, i_bh % H
     i_tg, bos, T, t0 = chunk_position(i_t, i_b, chunk_indices, cu_seqlens, T, BT, IS_VARLEN)
+    i_state = (i_tg * H + i_h).to(tl.int64)  # the chunk's and head's states
 
     o_t = t0 + i_r * BR + tl.arange(0, BR)
     o_s = t0 + tl.arange(0, BT)
@@ -196,7 +197,7 @@ def chunk_cg_kernel(
 
     b_b = tl.load(b + p_tk, mask=m_tk, other=0.).to(tl.float32)
     if ADJOINT:  # V = K, float16 states: b holds the output gradient do, whose S_t do_t is formed below
-        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), 0, K, V, BK)
+        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_state, 0, K, V, BK)
     b_k = tl.load(k + row_s[:, None] * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.).to(tl.float32)
     b_beta = tl.load(beta + row_s, mask=m_s, other=0.).to(tl.float32)
     b_gs = tl.load(gc + row_s, mask=m_s, other=0.).to(tl.float32)
@@ -204,7 +205,7 @@ def chunk_cg_kernel(
     if OUTPUT and V <= BV:
         # one value tile: the output pass's loads go out now, their latency hidden behind the solve (a 2-3% faster
         # forward CG kernel at K = V = 64 on an H200, benchmarks/RESULTS.md)
-        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), 0, K, V, BV)
+        b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_state, 0, K, V, BV)
 
     # decay[t, s] = exp2(g_t - g_s) * beta_s for key s <= token t in the chunk
     m_ts = (o_t[:, None] >= o_s[None, :]) & m_t[:, None] & m_s[None, :]
@@ -221,7 +222,7 @@ def chunk_cg_kernel(
         b_doq, b_dosc = _scaled_rows(b_b, PDT)
         b_vq, b_vsc = _scaled_rows(b_v.to(tl.float32), PDT)
         b_ds, b_dssc = _scaled_rows(tl.dot(b_doq, tl.trans(b_vq)) * b_vsc[None, :] * b_decay, PDT)
-        b_hvsc = tl.load(hvsc + (i_tg * H + i_h).to(tl.int64) * V + o_k, mask=m_k, other=1.)
+        b_hvsc = tl.load(hvsc + i_state * V + o_k, mask=m_k, other=1.)
         b_dhq, b_dhsc = _scaled_rows(b_b * b_hvsc[None, :], PDT)
         b_b = ((b_dosc * b_dssc * (b_ksc * b_dsc))[:, None] * tl.dot(b_ds, b_kq)
                + (b_dhsc * b_eg)[:, None] * tl.dot(b_dhq, tl.trans(b_hv.to(PDT))))
@@ -230,7 +231,7 @@ def chunk_cg_kernel(
     b_cnt = tl.zeros([BR], dtype=tl.int32)
     if SOLVE:  # cg_steps > 0; without it x = b (gated linear attention) and neither H's state nor lamb is read
         b_lamb = tl.load(lamb + i_h * K + o_k, mask=m_k, other=1.).to(tl.float32)
-        p_h = h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :]
+        p_h = h + i_state * K * K + o_k[:, None] * K + o_k[None, :]
         m_kk = m_k[:, None] & m_k[None, :]
         # loaded once: the compiler keeps this loop-invariant [K, K] state in shared memory for the whole solve.
         # Stored as float16 values with a power of two per column (SCALED_STATES), it is rescaled here to one power
@@ -238,13 +239,13 @@ def chunk_cg_kernel(
         # take one scale, as with float32 states
         b_hm = tl.load(p_h, mask=m_kk, other=0.).to(tl.float32)
         if SCALED_STATES:
-            b_hcol = tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * K + o_k, mask=m_k, other=1.)
+            b_hcol = tl.load(hsc + i_state * K + o_k, mask=m_k, other=1.)
             b_hm *= b_hcol[None, :]
         b_hm, b_hsc = _scaled(b_hm, PDT)
         b_diag = None  # diag(H_t + diag(lamb)), for the Jacobi start
         b_dinv = None  # its inverse, the preconditioner
         if JACOBI or PRECOND:
-            b_hdiag = tl.load(h + (i_tg * H + i_h).to(tl.int64) * K * K + o_k * (K + 1), mask=m_k, other=0.)
+            b_hdiag = tl.load(h + i_state * K * K + o_k * (K + 1), mask=m_k, other=0.)
             if SCALED_STATES:
                 b_hdiag = b_hdiag.to(tl.float32) * b_hcol
             # the in-chunk sum: at K <= 64 on the products' operands (the diagonal sets only CG's start and the
@@ -308,11 +309,11 @@ def chunk_cg_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             if V > BV:
-                b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, (i_tg * H + i_h).to(tl.int64), i_v, K, V, BV)
+                b_v, b_hv = _value_tiles(v, h_kv, row_s, m_s, o_k, m_k, i_state, i_v, K, V, BV)
             b_vq, b_vsc = _scaled_cols(b_v.to(tl.float32), PDT)
             if SCALED_STATES:
                 b_hvq = b_hv.to(PDT)
-                b_hvsc = tl.load(hvsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=1.)
+                b_hvsc = tl.load(hvsc + i_state * V + o_v, mask=m_v, other=1.)
             else:
                 b_hvq, b_hvsc = _scaled_cols(b_hv, PDT)
             b_o = ((b_xsc * b_eg)[:, None] * b_hvsc[None, :] * tl.dot(b_xq, b_hvq)

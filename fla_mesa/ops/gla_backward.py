@@ -40,7 +40,8 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg,
     row = (bos + o_t) * H + i_h
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = row[:, None] * K + o_k[None, :]
-    p_state = (i_tg * H + i_h).to(tl.int64) * K * V
+    i_state = (i_tg * H + i_h).to(tl.int64)  # the chunk's and head's states
+    p_state = i_state * K * V
 
     b_g = tl.load(gc + row, mask=m_t, other=0.)
     b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
@@ -60,10 +61,10 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg,
         m_kv = m_k[:, None] & m_v[None, :]
         b_h = tl.load(h + p_kv, mask=m_kv, other=0.).to(tl.float32)
         if SCALED_STATES:  # float16 values times a power of two per column (`ScaledStates`)
-            b_h *= tl.load(hsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)[None, :]
+            b_h *= tl.load(hsc + i_state * V + o_v, mask=m_v, other=0.)[None, :]
         b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.).to(tl.float32)
         if SCALED_DH:
-            b_dh *= tl.load(dhsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)[None, :]
+            b_dh *= tl.load(dhsc + i_state * V + o_v, mask=m_v, other=0.)[None, :]
         b_hdh += tl.sum(b_h * b_dh, 1)
         b_ds += tl.dot(b_do, tl.trans(b_w))
         b_dq += tl.dot(b_do, tl.trans(b_h))
@@ -109,7 +110,8 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta,
     row = (bos + o_t) * H + i_h
     m_tv = m_t[:, None] & m_v[None, :]
     p_tv = row[:, None] * V + o_v[None, :]
-    p_state = (i_tg * H + i_h).to(tl.int64) * K * V
+    i_state = (i_tg * H + i_h).to(tl.int64)  # the chunk's and head's states
+    p_state = i_state * K * V
 
     b_g = tl.load(gc + row, mask=m_t, other=0.)
     b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
@@ -121,7 +123,7 @@ def gla_bwd_dw_kernel(q, k, w_src, beta, do, dh, dhsc, gc, dw_in, dw_out, dbeta,
     b_dw = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)  # b_a[s, t] = k_s . q_t
     if SCALED_DH:
-        b_dhsc = tl.load(dhsc + (i_tg * H + i_h).to(tl.int64) * V + o_v, mask=m_v, other=0.)
+        b_dhsc = tl.load(dhsc + i_state * V + o_v, mask=m_v, other=0.)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
