@@ -1,18 +1,23 @@
 """Times the chunk-state kernel (`fla_mesa/ops/states.py`) over its launch configurations: first float32 states of
 beta * k * k^T against fla's `chunk_fwd_h` on float32 copies of k and beta * k (what `chunk_mesa`'s forward did
 before the kernel); then as `chunk_mesa` runs it, the forward's state pair (H's and S's states from one launch) and
-the backward's single states, stored as `chunk_mesa` stores them (float16 with column scales at D = 64).
+the backward's single states, stored as `chunk_mesa` stores them (float16 with column scales at D = 64); last the
+D = 64 backward's state-gradient scans (`chunk_state_grads_kernel`): S's (output gradient do, bf16) and H's (u,
+float32) from two launches against the pair from one, over the pair's launch configurations.
 
-Usage: python benchmarks/ops/benchmark_states.py      (GPU; B=8 T=2048 H=16, bf16 k, D = 128 and 64)
+Usage: python benchmarks/ops/benchmark_states.py [PART ...]     (GPU; B=8 T=2048 H=16, bf16 k, D = 128 and 64;
+    PART: against_fla, as_stored, state_grads; all three by default)
 """
 
 import itertools
+import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+import fla_mesa.ops.states as states
 from fla_mesa.ops.states import chunk_states_kernel, states_launch_config
 
 B, T, H = 8, 2048, 16
@@ -111,10 +116,48 @@ def as_stored(dims=(128, 64)):
             print(f"D={D} {name} as shipped {ship}: {[t for t, c, _ in res if c == ship][0]:.4f} ms", flush=True)
 
 
-def main():
-    against_fla()
-    as_stored()
+def state_grads(D=64):
+    """The backward's two state-gradient scans (query x float32, output gradients do bf16 and u float32) from two
+    launches as shipped, against the pair from one launch in each configuration, whose states must equal the two
+    launches' bit for bit (each program runs the same arithmetic)."""
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+    x, u = (torch.randn(B, T, H, D, device='cuda') for _ in range(2))
+    do = torch.randn(B, T, H, D, device='cuda').bfloat16()
+    gc = chunk_local_cumsum(F.logsigmoid(torch.randn(B, T, H, device='cuda') + 4), chunk_size=64, scale=RCP_LN2)
+
+    def two():
+        return states.chunk_state_grads_bwd(x, do, gc), states.chunk_state_grads_bwd(x, u, gc)
+
+    ref = two()
+    t_two = min(do_bench(two, warmup=50, rep=300) for _ in range(3))
+    print(f"D={D} state gradients, two launches as shipped: {t_two * 1e3:.1f} us", flush=True)
+    shipped = states.state_grads_launch_config
+    res = []
+    try:
+        for BV, w, st in itertools.product((16, 32, 64), (1, 2, 4), (1, 2, 3)):
+            states.state_grads_launch_config = lambda V, pair=False: dict(BV=BV, num_warps=w, num_stages=st)
+            out = states.chunk_state_grads_pair_bwd(x, do, u, gc)
+            same = all(torch.equal(a.values, b.values) and torch.equal(a.scales, b.scales)
+                       for (a, _), (b, _) in zip(ref, out))
+            t = min(do_bench(lambda: states.chunk_state_grads_pair_bwd(x, do, u, gc), warmup=50, rep=300)
+                    for _ in range(3))
+            res.append((t, (BV, w, st), same))
+    finally:
+        states.state_grads_launch_config = shipped
+    res.sort()
+    for t, (BV, w, st), same in res[:6]:
+        print(f"D={D} pair BV={BV} warps={w} stages={st}: {t * 1e3:.1f} us ({t / t_two:.3f} of two launches), "
+              f"equal to them bit for bit: {same}")
+    cfg = shipped(D, pair=True)
+    ship = (cfg['BV'], cfg['num_warps'], cfg['num_stages'])
+    print(f"D={D} pair as shipped {ship}: {[t for t, c, _ in res if c == ship][0] * 1e3:.1f} us", flush=True)
+
+
+def main(parts):
+    for part in parts:
+        dict(against_fla=against_fla, as_stored=as_stored, state_grads=state_grads)[part]()
 
 
 if __name__ == '__main__':
-    main()
+    main(sys.argv[1:] or ['against_fla', 'as_stored', 'state_grads'])

@@ -1,8 +1,8 @@
 """Where the peak memory of `chunk_mesa`'s forward+backward is: the memory live before, and the peak during, each
 step of the CUDA forward and backward (the state kernel, the CG solve, fla's state gradients, our GLA gradient
-kernels or, at K = V <= 64 with scaled states, `mesa_backward`'s, the elementwise kernels; `bwd_prep`, `_gla_bwd`
-and `bwd_combine` run only with `fp32_backward=False`), in
-GiB over the inputs; and fla's `chunk_mesa_net` forward peak for comparison.
+kernels or, at K = V <= 64 with scaled states, our paired state-gradient scan and `mesa_backward`'s kernels, the
+elementwise kernels; `bwd_prep`, `_gla_bwd` and `bwd_combine` run only with `fp32_backward=False`), in GiB over the
+inputs; and fla's `chunk_mesa_net` forward peak for comparison.
 
 Usage: python benchmarks/ops/memory_mesa.py      (GPU; B=8 T=2048 H=16, bf16, 30 CG steps, D = 128 and 64)
 """
@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_mesa import inputs  # noqa: E402
 
 B, T, H = 8, 2048, 16
-STEPS = ('chunk_states_fwd', 'chunk_state_pair_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_gla_bwd', 'bwd_solve',
-         'bwd_prep', '_gla_bwd', 'bwd_combine', 'mesa_bwd_dk', 'mesa_bwd_dw')
+STEPS = ('chunk_states_fwd', 'chunk_state_pair_fwd', 'chunk_cg_solve', '_state_grads', 'chunk_state_grads_pair_bwd',
+         'chunk_gla_bwd', 'bwd_solve', 'bwd_prep', '_gla_bwd', 'bwd_combine', 'mesa_bwd_dk', 'mesa_bwd_dw')
 
 
 def record(module, name, log):

@@ -24,7 +24,8 @@ from fla_mesa.ops.cg import MAX_KERNEL_K, chunk_cg_solve, torch_chunk_cg_solve
 from fla_mesa.ops.elementwise import bwd_combine, bwd_prep, bwd_solve
 from fla_mesa.ops.gla_backward import chunk_gla_bwd
 from fla_mesa.ops.mesa_backward import mesa_bwd_dk, mesa_bwd_dw
-from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
+from fla_mesa.ops.states import (chunk_state_grads_bwd, chunk_state_grads_pair_bwd, chunk_state_pair_fwd,
+                                 chunk_states_fwd)
 from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
 from fla_mesa.ops.tuning import narrow_fla_autotune
 from fla_mesa.ops.utils import check_inputs, l2norm
@@ -233,8 +234,8 @@ def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_
     u, _, _ = chunk_cg_solve(do, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, v=v, h_kv=h_kv,
                              cg_precond=cg_precond, adjoint=True, **varlen)
     # H's pass has output gradient -u: the scan of +u takes -dht_kk, and its gradients are subtracted
-    dh_kv, dh0_kv = _state_grads(x, k, v, do, h0_kv, dht_kv, gc, scaled=True, **varlen)
-    dh_u, dh0_u = _state_grads(x, k, k, u, h0_kk, None if dht_kk is None else -dht_kk, gc, scaled=True, **varlen)
+    (dh_kv, dh0_kv), (dh_u, dh0_u) = chunk_state_grads_pair_bwd(x, do, u, gc, dht_kv, None if dht_kk is None else
+                                                                -dht_kk, h0_kv is not None, **varlen)
     dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **varlen)
     del h_kk, h_kv  # the states go before the last kernel's outputs come (the backward's peak of memory)
     dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(q, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **varlen)

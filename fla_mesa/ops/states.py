@@ -7,7 +7,8 @@ products, as fla's float32 path). With `scaled=True` it stores each state in flo
 (value channel) in a float32 side tensor: half the bytes for every kernel that reads them, for errors within the
 products' own rounding (benchmarks/ops/half_states_emulation.py); the recurrence itself stays float32 in registers.
 `chunk_state_pair_fwd` runs H's and S's scans (values k and v) side by side from one launch, for the forward.
-`chunk_state_grads_bwd` is the backward's reverse scan, the gradients of the chunk-end states, stored the same way.
+`chunk_state_grads_bwd` is the backward's reverse scan, the gradients of the chunk-end states, stored the same way;
+`chunk_state_grads_pair_bwd` runs two of them that share their query (x) from one launch, for the Mesa backward.
 """
 
 import torch
@@ -116,11 +117,12 @@ def chunk_states_kernel(
 
 
 @triton.jit(do_not_specialize=['T'])
-def chunk_state_grads_kernel(q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
-                             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                             USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-                             IS_VARLEN: tl.constexpr):
-    # one program: BV columns of one sequence's and head's state gradient, all K rows (the column's scale needs them)
+def chunk_state_grads_kernel(q, do, gc, dht, dh, dhsc, dh0, do2, dht2, dh2, dhsc2, dh0_2, cu_seqlens, chunk_offsets, T,
+                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                             BV: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+                             STORE_INITIAL_STATE_GRADIENT: tl.constexpr, PAIR: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # one program: BV columns of one sequence's and head's state gradient, all K rows (the column's scale needs them);
+    # PAIR: the same columns of a second pass's (output gradient do2) too, from the same loads of q and the gate
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, boh, T = _sequence_span(i_n, cu_seqlens, chunk_offsets, T, BT, IS_VARLEN)
@@ -131,25 +133,38 @@ def chunk_state_grads_kernel(q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_of
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
+    p_final = i_nh.to(tl.int64) * K * V + o_kv
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        b_dh = tl.load(dht + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+        b_dh = tl.load(dht + p_final, mask=m_kv, other=0.).to(tl.float32)
+        if PAIR:
+            b_dh2 = tl.load(dht2 + p_final, mask=m_kv, other=0.).to(tl.float32)
 
     for i_t in range(NT - 1, -1, -1):
         # dh_c, the gradient of chunk c's end state (the start state of chunk c + 1), through the later chunks' outputs
         # and the final state: dh_c-1 = 2^G_last dh_c + sum_t 2^G_t q_t do_t^T over chunk c
-        _store_state(b_dh, dh, dhsc, (boh + i_t) * H + i_h, o_kv, o_v, m_kv, m_v, K, V, True)
+        i_state = (boh + i_t) * H + i_h
+        _store_state(b_dh, dh, dhsc, i_state, o_kv, o_v, m_kv, m_v, K, V, True)
+        if PAIR:
+            _store_state(b_dh2, dh2, dhsc2, i_state, o_kv, o_v, m_kv, m_v, K, V, True)
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         row = (bos + o_t) * H + i_h
+        p_tv = row[:, None] * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
         b_g = tl.load(gc + row, mask=m_t, other=0.).to(tl.float32)
-        b_g_last = tl.load(gc + (bos + tl.minimum((i_t + 1) * BT, T) - 1) * H + i_h).to(tl.float32)
+        b_decay_last = tl.exp2(tl.load(gc + (bos + tl.minimum((i_t + 1) * BT, T) - 1) * H + i_h).to(tl.float32))
         b_q = tl.load(q + row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.).to(tl.float32)
-        b_do = tl.load(do + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.).to(tl.float32)
-        b_dh = tl.dot(b_q * tl.exp2(b_g)[None, :], b_do, b_dh * tl.exp2(b_g_last))
+        b_q *= tl.exp2(b_g)[None, :]
+        b_dh = tl.dot(b_q, tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32), b_dh * b_decay_last)
+        if PAIR:
+            b_dh2 = tl.dot(b_q, tl.load(do2 + p_tv, mask=m_tv, other=0.).to(tl.float32), b_dh2 * b_decay_last)
 
     if STORE_INITIAL_STATE_GRADIENT:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_kv, b_dh, mask=m_kv)
+        tl.store(dh0 + p_final, b_dh, mask=m_kv)
+        if PAIR:
+            tl.store(dh0_2 + p_final, b_dh2, mask=m_kv)
 
 
 def chunk_state_grads_bwd(
@@ -175,36 +190,66 @@ def chunk_state_grads_bwd(
         the chunk-end states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
         varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
     """
+    return _state_grads(q, [do], gc, [dht], with_dh0, cu_seqlens, chunk_indices, chunk_size)[0]
+
+
+def chunk_state_grads_pair_bwd(
+    q: torch.Tensor,
+    do: torch.Tensor,
+    do2: torch.Tensor,
+    gc: torch.Tensor,
+    dht: torch.Tensor | None = None,
+    dht2: torch.Tensor | None = None,
+    with_dh0: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    chunk_size: int = 64,
+):
+    r"""Triton: `chunk_state_grads_bwd` of two passes with the same query and gate (output gradients do and do2, of
+    one shape) from one launch whose programs read q and the gate once for both: the Mesa backward's S and H passes
+    (do and u, query x). The scans move bytes, not products, so sharing the reads of q is what saves time
+    (benchmarks/RESULTS.md). Needs both final-state gradients or neither. Returns `((dh, dh0), (dh2, dh0_2))`."""
+    if do2.shape != do.shape:
+        raise ValueError(f"chunk_state_grads_pair_bwd: expected do2 of do's shape {tuple(do.shape)}, got "
+                         f"{tuple(do2.shape)}")
+    if (dht is None) != (dht2 is None):
+        raise ValueError("chunk_state_grads_pair_bwd: expected both final-state gradients or neither")
+    return _state_grads(q, [do, do2], gc, [dht, dht2], with_dh0, cu_seqlens, chunk_indices, chunk_size)
+
+
+def _state_grads(q, dos, gc, dhts, with_dh0, cu_seqlens, chunk_indices, chunk_size):
     B, T, H, K = q.shape
-    V = do.shape[-1]
+    V = dos[0].shape[-1]
     if K > 64:
         raise ValueError(f"chunk_state_grads_bwd: expected K <= 64 (one program holds a whole column), got K={K}")
     N, NT, chunk_offsets = _sequences(B, T, cu_seqlens, chunk_indices, chunk_size)
-    dh = q.new_empty(B, NT, H, K, V, dtype=torch.float16)
-    dhsc = q.new_empty(B, NT, H, V, dtype=torch.float32)
-    dh0 = q.new_empty(N, H, K, V, dtype=torch.float32) if with_dh0 else None
-    cfg = state_grads_launch_config(V)
+    outs = [(q.new_empty(B, NT, H, K, V, dtype=torch.float16), q.new_empty(B, NT, H, V, dtype=torch.float32),
+             q.new_empty(N, H, K, V, dtype=torch.float32) if with_dh0 else None) for _ in dos]
+    pair = len(dos) == 2
+    second = (dos[1], dhts[1], *outs[1]) if pair else (None,) * 5
+    cfg = state_grads_launch_config(V, pair)
     chunk_state_grads_kernel[(triton.cdiv(V, cfg['BV']), N * H)](
-        q, do, gc, dht, dh, dhsc, dh0, cu_seqlens, chunk_offsets,
+        q, dos[0], gc, dhts[0], *outs[0], *second, cu_seqlens, chunk_offsets,
         T=T,
         H=H,
         K=K,
         V=V,
         BT=chunk_size,
         BK=max(16, triton.next_power_of_2(K)),
-        USE_FINAL_STATE_GRADIENT=dht is not None,
+        USE_FINAL_STATE_GRADIENT=dhts[0] is not None,
         STORE_INITIAL_STATE_GRADIENT=with_dh0,
+        PAIR=pair,
         IS_VARLEN=cu_seqlens is not None,
         **cfg,
     )
-    return ScaledStates(dh, dhsc), dh0
+    return [(ScaledStates(dh, dhsc), dh0) for dh, dhsc, dh0 in outs]
 
 
-def state_grads_launch_config(V: int) -> dict:
+def state_grads_launch_config(V: int, pair: bool = False) -> dict:
     """`chunk_state_grads_kernel`'s value tile, warps and stages: the fastest of BV in (16, 32, 64), 1-4 warps and 1-3
-    stages at K = V = 64 for a float32 output gradient (-u), within 5% of the fastest for a bf16 one (do) on an H100
-    (benchmarks/RESULTS.md)."""
-    return dict(BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=2, num_stages=3)
+    stages at K = V = 64 on an H100, for a float32 output gradient (-u) within 5% of the fastest for a bf16 one (do);
+    the pair's (do and u) fastest takes 2 stages, 105 us against 141 for two launches (benchmarks/RESULTS.md)."""
+    return dict(BV=min(32, max(16, triton.next_power_of_2(V))), num_warps=2, num_stages=2 if pair else 3)
 
 
 def chunk_states_fwd(

@@ -35,7 +35,8 @@ SCRIPT = textwrap.dedent('''
     import math, torch
     from fla_mesa.ops.cg import chunk_cg_solve, torch_chunk_cg_solve
     from fla_mesa.ops.scaled_states import ScaledStates
-    from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_pair_fwd, chunk_states_fwd
+    from fla_mesa.ops.states import (chunk_state_grads_bwd, chunk_state_grads_pair_bwd, chunk_state_pair_fwd,
+                                     chunk_states_fwd)
     from fla_mesa.ops.torch_chunk import chunk_cumsum, chunk_output, chunk_states, pad_to_chunks
     from mesa_inputs import state_grads_reference
 
@@ -104,6 +105,14 @@ SCRIPT = textwrap.dedent('''
                 err = ((dh.float().double() - ref).abs() / torch.where(col > 0, col, 1.)).max().item()
                 assert err <= 2 ** -10, err
                 assert dh0 is None if not with_dh0 else rel(dh0.double(), ref0) < 1e-5
+                # two passes' scans from one launch (the second output gradient float32, as u): each as its own
+                do2, dht2 = torch.randn(v.shape), torch.randn(dht.shape)
+                pair = chunk_state_grads_pair_bwd(q, v.bfloat16(), do2, gc2.contiguous(), dht, dht2, with_dh0, cu, idx,
+                                                  C)
+                for (a, a0), (b, b0) in zip(pair, ((dh, dh0), chunk_state_grads_bwd(
+                        q, do2, gc2.contiguous(), dht2, with_dh0, cu, idx, C))):
+                    assert torch.equal(a.values, b.values) and torch.equal(a.scales, b.scales)
+                    assert a0 is None if not with_dh0 else torch.equal(a0, b0)
         for init, pre, tol in [('jacobi', 'none', None), ('jacobi', 'none', 1e-3), ('zero', 'none', None),
                                ('zero', 'none', 1e-3), ('jacobi', 'jacobi', None), ('zero', 'jacobi', 1e-3)]:
             fused = K <= 128  # the output pass runs in the CG kernel, which takes K <= 128
