@@ -190,7 +190,7 @@ def chunk_state_grads_bwd(
         the chunk-end states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
         varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
     """
-    return _state_grads(q, [do], gc, [dht], with_dh0, cu_seqlens, chunk_indices, chunk_size)[0]
+    return _launch_state_grads(q, [do], gc, [dht], with_dh0, cu_seqlens, chunk_indices, chunk_size)[0]
 
 
 def chunk_state_grads_pair_bwd(
@@ -204,7 +204,7 @@ def chunk_state_grads_pair_bwd(
     cu_seqlens: torch.LongTensor | None = None,
     chunk_indices: torch.LongTensor | None = None,
     chunk_size: int = 64,
-):
+) -> list[tuple[ScaledStates, torch.Tensor | None]]:
     r"""Triton: `chunk_state_grads_bwd` of two passes with the same query and gate (output gradients do and do2, of
     one shape) from one launch whose programs read q and the gate once for both: the Mesa backward's S and H passes
     (do and u, query x). The scans move bytes, not products, so sharing the reads of q is what saves time
@@ -214,10 +214,10 @@ def chunk_state_grads_pair_bwd(
                          f"{tuple(do2.shape)}")
     if (dht is None) != (dht2 is None):
         raise ValueError("chunk_state_grads_pair_bwd: expected both final-state gradients or neither")
-    return _state_grads(q, [do, do2], gc, [dht, dht2], with_dh0, cu_seqlens, chunk_indices, chunk_size)
+    return _launch_state_grads(q, [do, do2], gc, [dht, dht2], with_dh0, cu_seqlens, chunk_indices, chunk_size)
 
 
-def _state_grads(q, dos, gc, dhts, with_dh0, cu_seqlens, chunk_indices, chunk_size):
+def _launch_state_grads(q, dos, gc, dhts, with_dh0, cu_seqlens, chunk_indices, chunk_size):
     B, T, H, K = q.shape
     V = dos[0].shape[-1]
     if K > 64:
