@@ -12,8 +12,9 @@ the forward stored them (float32 for fla's primitives, `fp32_backward=False`). T
 gradients come from our `gla_backward` kernels (the default `fp32_backward`: half-precision operands read as they are,
 float32 products, H's side added in place), or from fla's `chunk_bwd_dqkwg` / `chunk_bwd_dv` on operands in the inputs'
 dtype with our `elementwise` casts and sums around them (`fp32_backward=False`); elsewhere every pass is `torch_chunk`'s
-PyTorch twin. At K = V <= 64 with scaled states and CG steps, the adjoint CG kernel forms dx from do itself, and
-`mesa_backward`'s kernels take both passes' gradients together (`_fused_bwd`).
+PyTorch twin. At K = V <= 64 with scaled states and CG steps, the adjoint CG kernel forms dx from do itself, one
+launch scans both passes' state gradients, and `mesa_backward`'s kernels take both passes' gradients together
+(`_fused_bwd`).
 """
 
 import torch
@@ -227,7 +228,8 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
 def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_steps, cg_tol, cg_init, cg_precond,
                varlen):
     """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: the adjoint solve from do (its kernel forms
-    dx = S_t do_t), both passes' state gradients, then both passes' gradients together (`mesa_backward`)."""
+    dx = S_t do_t), both passes' state gradients from one launch (`chunk_state_grads_pair_bwd`), then both passes'
+    gradients together (`mesa_backward`)."""
     from fla.ops.utils import chunk_local_cumsum
 
     (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, scaled=True, **varlen)
