@@ -25,6 +25,17 @@ from fla_mesa.ops.chunk_index import chunk_position
 from fla_mesa.ops.scaled_states import state_parts
 
 
+@triton.jit
+def load_state_tile(h, hsc, i_state, o_k, o_v, m_k, m_v, K: tl.constexpr, V: tl.constexpr, SCALED: tl.constexpr):
+    # chunk state i_state's [rows o_k, columns o_v] tile in float32: as stored, or (SCALED, `ScaledStates`) float16
+    # values times a power of two per column
+    b_h = tl.load(h + i_state * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                  other=0.).to(tl.float32)
+    if SCALED:
+        b_h *= tl.load(hsc + i_state * V + o_v, mask=m_v, other=0.)[None, :]
+    return b_h
+
+
 @triton.jit(do_not_specialize=['T'])
 def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg, cu_seqlens, chunk_indices, T, n_rows,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -41,7 +52,6 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg,
     m_tk = m_t[:, None] & m_k[None, :]
     p_tk = row[:, None] * K + o_k[None, :]
     i_state = (i_tg * H + i_h).to(tl.int64)  # the chunk's and head's states
-    p_state = i_state * K * V
 
     b_g = tl.load(gc + row, mask=m_t, other=0.)
     b_g_last = tl.load(gc + (bos + tl.minimum(t0 + BT, T) - 1) * H + i_h)
@@ -57,14 +67,8 @@ def gla_bwd_dqkg_kernel(q, k, w_src, beta, do, h, hsc, dh, dhsc, gc, dq, dk, dg,
         p_tv = row[:, None] * V + o_v[None, :]
         b_w = tl.load(w_src + p_tv, mask=m_tv, other=0.).to(tl.float32) * b_beta[:, None]
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        p_kv = p_state + o_k[:, None] * V + o_v[None, :]
-        m_kv = m_k[:, None] & m_v[None, :]
-        b_h = tl.load(h + p_kv, mask=m_kv, other=0.).to(tl.float32)
-        if SCALED_STATES:  # float16 values times a power of two per column (`ScaledStates`)
-            b_h *= tl.load(hsc + i_state * V + o_v, mask=m_v, other=0.)[None, :]
-        b_dh = tl.load(dh + p_kv, mask=m_kv, other=0.).to(tl.float32)
-        if SCALED_DH:
-            b_dh *= tl.load(dhsc + i_state * V + o_v, mask=m_v, other=0.)[None, :]
+        b_h = load_state_tile(h, hsc, i_state, o_k, o_v, m_k, m_v, K, V, SCALED_STATES)
+        b_dh = load_state_tile(dh, dhsc, i_state, o_k, o_v, m_k, m_v, K, V, SCALED_DH)
         b_hdh += tl.sum(b_h * b_dh, 1)
         b_ds += tl.dot(b_do, tl.trans(b_w))
         b_dq += tl.dot(b_do, tl.trans(b_h))

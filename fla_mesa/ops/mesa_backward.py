@@ -29,14 +29,14 @@ import triton
 import triton.language as tl
 
 from fla_mesa.ops.chunk_index import chunk_position
+from fla_mesa.ops.gla_backward import load_state_tile
 from fla_mesa.ops.scaled_states import ScaledStates
 
 
 @triton.jit
 def _load_state(h, hsc, i_state, o_k, m_k, K: tl.constexpr):
     # chunk state i_state's [BK, BK] tile (K = V) in float32, from float16 values times a power of two per column
-    b_h = tl.load(h + i_state * K * K + o_k[:, None] * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.)
-    return b_h.to(tl.float32) * tl.load(hsc + i_state * K + o_k, mask=m_k, other=0.)[None, :]
+    return load_state_tile(h, hsc, i_state, o_k, o_k, m_k, m_k, K, K, True)
 
 
 @triton.jit
