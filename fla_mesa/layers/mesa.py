@@ -73,7 +73,8 @@ class MesaAttention(nn.Module):
         cg_tol (float | None): stop CG once `||r_k|| <= cg_tol * ||r_0||` (at most `cg_steps`); `None` stops each
             token at the floor of the products' precision (`2^-16 * ||r_0||` for the CUDA chunk kernel's tf32 or
             float16 products, `eps * ||r_0||` with the compute dtype's eps elsewhere). Default: `None`.
-        cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`. Default: `'jacobi'`.
+        cg_init (str): CG start, `'jacobi'` (`q / diag(H + Lambda)`, the paper's) or `'zero'`; the backward's solve
+            starts from it only under `cg_tol` (`chunk_mesa`). Default: `'jacobi'`.
         cg_precond (str): `'jacobi'` preconditions CG with `diag(H + Lambda)` (fewer iterations once lambda differs
             across channels, `benchmarks/RESULTS.md`); `'none'`, the paper's plain CG. Default: `'none'`.
         fp32_backward (bool): `chunk_mesa`'s option: float32 products in the backward's GLA passes on CUDA, for

@@ -36,6 +36,14 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def adjoint_init(cg_init, cg_tol):
+    """The backward's solve's start: x_0 = 0 where it runs to the precision floor (`cg_tol=None`), the forward's
+    `cg_init` under a tolerance. At the floor both starts end at the products' rounding, and the Jacobi start's
+    diagonal and system product cost more than the iterations it saves (benchmarks/RESULTS.md, thirty-fourth
+    session); under a tolerance relative to ||r_0||, the start sets how far CG goes."""
+    return 'zero' if cg_tol is None else cg_init
+
+
 def _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, return_iters, chunk_size, cg_precond):
     T, dt = q.shape[1], _compute_dtype(q.dtype)
     q, k, v, g, beta = (pad_to_chunks(x.to(dt), chunk_size) for x in (q, k, v, g, beta))
@@ -72,7 +80,8 @@ def _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_s
             u, dq = torch.zeros_like(dx), dx
         else:
             u, _ = torch_chunk_cg_solve(dx, k_.detach(), beta_.detach(), gc.detach(), h_kk.detach(), lamb.to(dt),
-                                        cg_steps, cg_tol, cg_init, chunk_size=chunk_size, cg_precond=cg_precond)
+                                        cg_steps, cg_tol, adjoint_init(cg_init, cg_tol), chunk_size=chunk_size,
+                                        cg_precond=cg_precond)
             dq = u
         y = chunk_output(x_.detach(), k_, kb, h_kk, gc, chunk_size)
         total = (o * do_).sum() - (y * u).sum()
@@ -189,7 +198,7 @@ def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_st
         dq, dlamb = dx, torch.zeros_like(lamb, dtype=torch.float32)
         dy = torch.zeros_like(x, dtype=dy_dtype or x.dtype) if through_h else None
     else:
-        u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False,
+        u, _, _ = chunk_cg_solve(dx, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, adjoint_init(cg_init, cg_tol), False,
                                  cu_seqlens, chunk_indices, chunk_size, cg_precond=cg_precond)
         del dx
         if fp32_backward:
@@ -233,8 +242,8 @@ def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_
     from fla.ops.utils import chunk_local_cumsum
 
     (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, scaled=True, **varlen)
-    u, _, _ = chunk_cg_solve(do, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, cg_init, False, v=v, h_kv=h_kv,
-                             cg_precond=cg_precond, adjoint=True, **varlen)
+    u, _, _ = chunk_cg_solve(do, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, adjoint_init(cg_init, cg_tol), False, v=v,
+                             h_kv=h_kv, cg_precond=cg_precond, adjoint=True, **varlen)
     # H's pass has output gradient -u: the scan of +u takes -dht_kk, and its gradients are subtracted
     (dh_kv, dh0_kv), (dh_u, dh0_u) = chunk_state_grads_pair_bwd(x, do, u, gc, dht_kv, None if dht_kk is None else
                                                                 -dht_kk, h0_kv is not None, **varlen)
@@ -336,7 +345,8 @@ def chunk_mesa(
             residual reaches the floor of the products' precision: `2^-16 * ||r_0||` for the CUDA kernel's tf32 or
             float16 products (float32's eps under `TRITON_F32_DEFAULT=ieee`), `eps * ||r_0||` with the compute
             dtype's eps on the PyTorch path; tolerances below the floor act as the floor. Default: None.
-        cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`.
+        cg_init (str): `'jacobi'` (x_0 = q / diag(H_t + diag(lamb)), the paper's start) or `'zero'`. The backward's
+            solve starts from it under `cg_tol`, from zero without (`adjoint_init`).
         cg_precond (str): `'jacobi'` runs CG preconditioned with diag(H_t + diag(lamb)), in the forward's solve and
             the backward's; `'none'` (default, the paper's): plain CG. On CPU inputs with lamb spread over 0.25-5
             across channels it took 11 iterations a token instead of 31 to the float32 floor; with one lamb per head

@@ -163,6 +163,31 @@ def test_start_does_not_change_converged_output_or_gradients():
     assert_grads_close(g_j, g_z)
 
 
+@pytest.mark.parametrize('cg_init', ['jacobi', 'zero'])
+def test_backward_solve_starts_from_zero_at_the_floor_and_from_cg_init_under_a_tolerance(cg_init):
+    """One CG step of the backward's solve (H_t + diag(lamb)) u_t = S_t do_t, whose u is dq: from x_0 = 0 without
+    `cg_tol`, from the forward's start with it, against that step in float64 on the recurrence's states."""
+    from fla_mesa.ops.utils import step_states
+    q, k, v, g, beta, lamb, _ = make_inputs(1, 20, 2, 8, 4, lamb_range=(0.05, 2.0), seed=5)
+    do = torch.randn(1, 20, 2, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    h_kk, h_kv = q.new_zeros(1, 2, 8, 8), q.new_zeros(1, 2, 8, 4)
+    systems = []
+    for t in range(20):
+        h_kk, h_kv = step_states(h_kk, h_kv, k[:, t], v[:, t], g[:, t], beta[:, t])
+        systems.append((h_kk + torch.diag_embed(lamb), torch.einsum('bhkv,bhv->bhk', h_kv, do[:, t])))
+    for cg_tol, start in ((None, 'zero'), (1e-12, cg_init)):
+        steps = []
+        for a, c in systems:
+            x0 = c / torch.diagonal(a, dim1=-2, dim2=-1) if start == 'jacobi' else torch.zeros_like(c)
+            r0 = c - torch.einsum('bhij,bhj->bhi', a, x0)
+            alpha = (r0 * r0).sum(-1, keepdim=True) / (r0 * torch.einsum('bhij,bhj->bhi', a, r0)).sum(-1, keepdim=True)
+            steps.append(x0 + alpha * r0)
+        qq = q.clone().requires_grad_()
+        o, _ = chunk_mesa(qq, k, v, g, beta, lamb, cg_steps=1, cg_tol=cg_tol, cg_init=cg_init, chunk_size=16)
+        dq, = torch.autograd.grad(o, qq, do)
+        assert rel(dq, torch.stack(steps, 1)) < 1e-12, (cg_tol, start)
+
+
 def test_kernel_floor_and_products_follow_the_products_precision(monkeypatch):
     """The CUDA kernel's CG floor is 2^-16 for its tf32 or float16 products, float32's eps where they are full
     float32; half-precision inputs get float16 products, float32 inputs float32 (tf32) ones."""
