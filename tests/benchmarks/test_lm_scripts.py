@@ -1,4 +1,5 @@
-"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py and cg_precond_trained.py, of the
+"""Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py, cg_precond_trained.py and
+adjoint_start_trained.py, of the
 emulations benchmarks/ops/tf32_emulation.py and half_states_emulation.py, of the preconditioning study
 benchmarks/ops/cg_preconditioning.py and of the SASS loop count of benchmarks/ops/kernel_resources.py, the Nsight
 Compute reader of benchmarks/ops/ncu_mesa.py, and the CG and GLA-gradient benchmarks' kernel launches."""
@@ -122,6 +123,20 @@ def test_cg_precond_trained_smoke():
     for pre in ('none', 'jacobi'):
         assert abs(out[(None, pre)][0] - out[(None, 'none')][0]) < 1e-4
         assert all(0 < t <= f <= 30 for t, f in zip(out[(1e-4, pre)][1], out[(None, pre)][1]))
+
+
+def test_adjoint_start_trained_smoke():
+    """benchmarks/lm/adjoint_start_trained.py, tiny: every layer's backward solves measured from both starts at both
+    caps, a cap that binds never beats a looser one, and both starts reach the float64 solve."""
+    trained = load(os.path.join(ROOT, 'benchmarks', 'lm', 'adjoint_start_trained.py'), 'lm_adjoint_start_trained')
+    out = trained.main(['--device', 'cpu', '--steps', '2', '--seq-len', '32', '--batch-size', '2', '--hidden-size',
+                        '64', '--head-dim', '32', '--cg-steps', '3'])
+    assert set(out) == {(layer, cap) for layer in range(2) for cap in (3, 30)}
+    for layer in range(2):
+        for start in ('zero', 'jacobi'):
+            capped, free = out[layer, 3][start], out[layer, 30][start]
+            assert 0 < capped[0] <= min(free[0], 3) and free[0] <= 30
+            assert free[1] < 1e-3 and capped[1] >= free[1] - 1e-6
 
 
 SASS = """\
