@@ -12,28 +12,15 @@ about two and a half iterations of the head-dim-64 kernel (benchmarks/RESULTS.md
 import statistics
 import sys
 
-import torch
-
 import common
 import corpus
 import demo
 
 
 def main(argv=None) -> dict:
-    args = demo.parse_args(['--no-progress'] + list(sys.argv[1:] if argv is None else argv))
-    device = common.setup_device(args.device, args.threads)
-    cfg = demo.resolve(args, device)
-    torch.manual_seed(args.seed)
-    from fla_mesa import MesaForCausalLM
     from fla_mesa.ops import chunk
     from fla_mesa.ops.cg import TF32_FLOOR
-    data = corpus.ByteCorpus.load()
-    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
-                                max_len=max(2048, cfg['seq_len']))
-    model = MesaForCausalLM(config).to(device)
-    losses, train_s = demo.train(model, data, cfg, device, args.seed, progress=False)
-    print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 "
-          f"{statistics.mean(losses[-10:]):.4f}")
+    model, data, cfg, device = demo.trained_model(sys.argv[1:] if argv is None else argv)
 
     solve = chunk.torch_chunk_cg_solve
     caps = sorted({cfg['cg_steps'], 30})

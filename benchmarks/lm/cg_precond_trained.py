@@ -16,19 +16,8 @@ import demo
 
 
 def main(argv=None) -> dict:
-    args = demo.parse_args(['--no-progress'] + list(sys.argv[1:] if argv is None else argv))
-    device = common.setup_device(args.device, args.threads)
-    cfg = demo.resolve(args, device)
-    torch.manual_seed(args.seed)
-    from fla_mesa import MesaForCausalLM
-    data = corpus.ByteCorpus.load()
-    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
-                                max_len=max(2048, cfg['seq_len']))
-    model = MesaForCausalLM(config).to(device)
+    model, data, cfg, device = demo.trained_model(sys.argv[1:] if argv is None else argv)
     val = corpus.fixed_windows(data.val, cfg['val_windows'], cfg['seq_len'] + 1)
-    losses, train_s = demo.train(model, data, cfg, device, args.seed, progress=False)
-    print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 "
-          f"{statistics.mean(losses[-10:]):.4f}")
     layers = [block.attn for block in model.model.layers]
     for i, layer in enumerate(layers):
         lamb = layer.get_lambda().detach()

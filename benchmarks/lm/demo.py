@@ -98,6 +98,24 @@ def train(model, data, cfg: dict, device, seed: int, progress: bool = True) -> t
     return losses, common.now(device) - t_train0
 
 
+def trained_model(argv) -> tuple:
+    """The demo's model trained as `main` trains it, for the studies of a trained model (`argv`: their options,
+    `parse_args`'s; no progress bar). Returns `(model, data, cfg, device)`."""
+    args = parse_args(['--no-progress'] + list(argv))
+    device = common.setup_device(args.device, args.threads)
+    cfg = resolve(args, device)
+    torch.manual_seed(args.seed)
+    from fla_mesa import MesaForCausalLM
+    data = corpus.ByteCorpus.load()
+    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
+                                max_len=max(2048, cfg['seq_len']))
+    model = MesaForCausalLM(config).to(device)
+    losses, train_s = train(model, data, cfg, device, args.seed, progress=False)
+    print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 "
+          f"{statistics.mean(losses[-10:]):.4f}")
+    return model, data, cfg, device
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = common.setup_device(args.device, args.threads)
