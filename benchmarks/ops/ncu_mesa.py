@@ -53,8 +53,8 @@ def run(part: str, D: int = 64):
     else:
         fwd = chunk._cuda_fwd(q, k, v, g, beta, lamb, None, None, 30, None, 'jacobi', False, False, None, None, 64,
                               'none')
-        x, do = fwd[3], torch.ones_like(fwd[0])
-        calls = [lambda: chunk._cuda_bwd(q, k, v, g, beta, lamb, None, None, x, do, None, None, 30, None, 'jacobi',
+        x, gc, do = fwd[3], fwd[5], torch.ones_like(fwd[0])
+        calls = [lambda: chunk._cuda_bwd(q, k, v, gc, beta, lamb, None, None, x, do, None, None, 30, None, 'jacobi',
                                          True, None, None, 64, 'none')]
     for profiled in (False, True):
         if profiled:

@@ -127,7 +127,7 @@ def _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, r
         del h_kk
         o = chunk_fwd_o(q=x, k=k.float(), v=v.float() * beta[..., None].float(), h=h_kv, g=gc, scale=1.0,
                         cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)
-    return o, ht_kk, ht_kv, x, iters
+    return o, ht_kk, ht_kv, x, iters, gc
 
 
 def scaled_states(k):
@@ -160,12 +160,11 @@ def _state_grads(q, k, v, do, h0, dht, g, cu_seqlens, chunk_size, chunk_indices=
                         chunk_size=chunk_size, states_in_fp32=True)
 
 
-def _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, fp32_backward,
+def _cuda_bwd(q, k, v, gc, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol, cg_init, fp32_backward,
               cu_seqlens, chunk_indices, chunk_size, cg_precond):
+    # gc: the forward's chunk-local cumulative log2 gate
     from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
-    gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     through_h = cg_steps > 0 or dht_kk is not None
     varlen = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_size=chunk_size)
     # the forward's chunk states again (from float32 beta * v and beta * k, as the forward formed them), stored as the
@@ -239,8 +238,6 @@ def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_
     """`_cuda_bwd` at K = V <= 64 with float16 states and CG steps: the adjoint solve from do (its kernel forms
     dx = S_t do_t), both passes' state gradients from one launch (`chunk_state_grads_pair_bwd`), then both passes'
     gradients together (`mesa_backward`)."""
-    from fla.ops.utils import chunk_local_cumsum
-
     (h_kk, _), (h_kv, _) = chunk_state_pair_fwd(k, v, beta, gc, h0_kk, h0_kv, scaled=True, **varlen)
     u, _, _ = chunk_cg_solve(do, k, beta, gc, h_kk, lamb, cg_steps, cg_tol, adjoint_init(cg_init, cg_tol), False, v=v,
                              h_kv=h_kv, cg_precond=cg_precond, adjoint=True, **varlen)
@@ -250,7 +247,6 @@ def _fused_bwd(q, k, v, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, gc, cg_
     dk_key, dg = mesa_bwd_dk(x, k, v, beta, do, u, lamb, h_kk, h_kv, dh_u, dh_kv, gc, **varlen)
     del h_kk, h_kv  # the states go before the last kernel's outputs come (the backward's peak of memory)
     dq, dk, dv, dbeta, dlamb = mesa_bwd_dw(q, x, k, v, beta, do, u, dh_u, dh_kv, gc, dk_key, **varlen)
-    dg = chunk_local_cumsum(dg, reverse=True, **varlen)
     return dq, dk, dv, dg, dbeta, dlamb, None if dh0_u is None else -dh0_u, dh0_kv
 
 
@@ -259,14 +255,16 @@ class ChunkMesaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init, output_final_state,
                 return_iters, cu_seqlens, chunk_size, fp32_backward, cg_precond, save_x):
+        ctx.g_dtype = g.dtype
         if q.is_cuda:
             from fla.ops.utils import prepare_chunk_indices
             q, k, v, g, beta, lamb = (t.contiguous() for t in (q, k, v, g, beta, lamb))
             chunk_indices = None if cu_seqlens is None else prepare_chunk_indices(cu_seqlens, chunk_size)
             with torch.cuda.device(q.device):
-                o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
-                                                      return_iters, output_final_state, cu_seqlens, chunk_indices,
-                                                      chunk_size, cg_precond, save_x)
+                o, ht_kk, ht_kv, x, iters, gc = _cuda_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol,
+                                                          cg_init, return_iters, output_final_state, cu_seqlens,
+                                                          chunk_indices, chunk_size, cg_precond, save_x)
+            g = gc  # the backward takes the cumulative gate (as many bytes as a float32 g), not its own cumsum
         else:
             chunk_indices = None
             o, ht_kk, ht_kv, x, iters = _torch_fwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, cg_steps, cg_tol, cg_init,
@@ -282,7 +280,7 @@ class ChunkMesaFunction(torch.autograd.Function):
     def backward(ctx, do, dht_kk, dht_kv, _):
         q, k, v, g, beta, lamb, h0_kk, h0_kv, x, cu_seqlens, chunk_indices = ctx.saved_tensors
         cg_steps, cg_tol, cg_init, chunk_size, fp32_backward, cg_precond = ctx.opts
-        if q.is_cuda:
+        if q.is_cuda:  # g holds the forward's gc
             with torch.cuda.device(q.device):
                 grads = _cuda_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do.contiguous(), dht_kk, dht_kv, cg_steps,
                                   cg_tol, cg_init, fp32_backward, cu_seqlens, chunk_indices, chunk_size, cg_precond)
@@ -290,7 +288,7 @@ class ChunkMesaFunction(torch.autograd.Function):
             grads = _torch_bwd(q, k, v, g, beta, lamb, h0_kk, h0_kv, x, do, dht_kk, dht_kv, cg_steps, cg_tol,
                                cg_init, chunk_size, cg_precond)
         dq, dk, dv, dg, dbeta, dlamb, dh0_kk, dh0_kv = grads
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(ctx.g_dtype), dbeta.to(beta.dtype),
                 dlamb.to(lamb.dtype), None if dh0_kk is None else dh0_kk.to(h0_kk.dtype),
                 None if dh0_kv is None else dh0_kv.to(h0_kv.dtype), *(None,) * 10)
 

@@ -20,8 +20,9 @@ chunk-end state gradient; w = beta * value; a side's output gradient e: do for S
     dw_s = 2^(G_last - G_s) dh^T k_s + sum_t A_st e_t                 (per side: v's as S's value, k's as H's)
     dG_t = x_t . diag(lamb) u_t - k_t . dk_t (+ 2^G_last sum_sides <h, dh> + sum_s k_s . dk_s^(state part) at the
            chunk's last token),
+    dg_t = sum_{t' >= t in the chunk} dG_t',
 with A_st = 2^(G_t - G_s) k_s . x_t; dG is the gradient with respect to the natural-log chunk-local cumulative gate,
-as fla's.
+as fla's, and dg the gradient of the log gate g itself.
 """
 
 import torch
@@ -58,8 +59,8 @@ def _chunk_program(cu_seqlens, chunk_indices, T, H: tl.constexpr, K: tl.constexp
 def mesa_bwd_dk_kernel(x, k, v, beta, do, u, lamb, h_kk, hsc_kk, h_kv, hsc_kv, dh_u, dhsc_u, dh_kv, dhsc_kv, gc, dk, dg,
                        cu_seqlens, chunk_indices, T, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # one program: one chunk of one head, both sides: k's gradient as the key (float32) and the gate's. dh_u is the
-    # state gradient of +u (H's side has -u): H's terms are subtracted
+    # one program: one chunk of one head, both sides: k's gradient as the key (float32) and g's. dh_u is the state
+    # gradient of +u (H's side has -u): H's terms are subtracted
     i_state, o_t, row, m_t, p_tk, m_tk, r_last, is_last, o_k, m_k = _chunk_program(cu_seqlens, chunk_indices, T, H,
                                                                                    K, BT, BK, IS_VARLEN)
     b_g = tl.load(gc + row, mask=m_t, other=0.)
@@ -91,7 +92,10 @@ def mesa_bwd_dk_kernel(x, k, v, beta, do, u, lamb, h_kk, hsc_kk, h_kv, hsc_kv, d
     b_lamb = tl.load(lamb + tl.program_id(1) % H * K + o_k, mask=m_k, other=0.).to(tl.float32)
     b_dg = tl.sum(b_x * b_u * b_lamb[None, :], 1)
     b_dg -= tl.sum(b_dk * b_k, 1)
-    tl.store(dg + row, tl.where(is_last, b_dg + b_dg_last, b_dg), mask=m_t)
+    # the gradient of g itself: the chunk-local cumulative gate's, summed from the chunk's end (rows past the
+    # sequence's end hold zeros); in the program, which holds the whole chunk, instead of a launch of its own
+    b_dg = tl.cumsum(tl.where(is_last, b_dg + b_dg_last, b_dg), 0, reverse=True)
+    tl.store(dg + row, b_dg, mask=m_t)
     tl.store(dk + p_tk, b_dk, mask=m_tk)
 
 
@@ -178,8 +182,8 @@ def mesa_bwd_dk(
         gc: the chunk-local cumulative log2 gate `[B, T, H]` float32. cu_seqlens: `[N + 1]` offsets of packed
             sequences (B = 1) with their `chunk_indices`.
     Returns:
-        `(dk_key, dg)`: `[B, T, H, K]` float32, for `mesa_bwd_dw`, and the gradient of the natural-log chunk-local
-        cumulative gate `[B, T, H]` float32.
+        `(dk_key, dg)`: `[B, T, H, K]` float32, for `mesa_bwd_dw`, and the gradient of the log gate g `[B, T, H]`
+        float32.
     """
     _check('mesa_bwd_dk', k, v, dict(h_kk=h_kk, h_kv=h_kv, dh_u=dh_u, dh_kv=dh_kv))
     B, T, H, K = k.shape

@@ -273,8 +273,8 @@ FORWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         q, k, v = (t.to(dtype) for t in (q, k, v))
         # the first case also with the Jacobi preconditioner: the same converged output
         for pre in (('none', 'jacobi') if T == 100 else ('none',)):
-            o, ht_kk, ht_kv, x, iters = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', True,
-                                                  True, None, None, 64, pre)
+            o, ht_kk, ht_kv, x, iters, _ = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', True,
+                                                     True, None, None, 64, pre)
             args = [t.double() for t in (q, k, v, g, beta, lamb)]
             o_ref, (hk, hv) = (naive_recurrent_mesa(*args, output_final_state=True) if steps else
                                naive_cg_mesa(*args, cg_steps=0, output_final_state=True))
@@ -283,8 +283,8 @@ FORWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
             assert o.dtype == dtype and torch.isfinite(o).all()
             assert errs[0] < bound and max(errs[1:]) < 1e-5, errs
             # without a backward to serve, x is not written: the same output, bit for bit
-            o_nx, _, _, x_nx, _ = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', False, True,
-                                            None, None, 64, pre, save_x=False)
+            o_nx, _, _, x_nx, _, _ = _cuda_fwd(q, k, v, g, beta, lamb, None, None, steps, None, 'jacobi', False,
+                                               True, None, None, 64, pre, save_x=False)
             assert x_nx is None and torch.equal(o_nx, o)
         assert steps > 0 or (torch.equal(x, q.float()) and iters.eq(0).all())
         if steps == 0:  # without a final state, H's states are not computed at all: the same output
@@ -426,9 +426,9 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         h0 = (a @ a.transpose(-1, -2), torch.randn(B, H, K, V)) if init else (None, None)
         do = torch.randn(B, T, H, V)
         dht = (torch.randn(B, H, K, K), torch.randn(B, H, K, V)) if final else (None, None)
-        _, _, _, x, _ = chunk._cuda_fwd(q, k, v, g, beta, lamb, *h0, steps, None, 'jacobi', False, final, None, None, 64,
-                                        pre)
-        grads = chunk._cuda_bwd(q, k, v, g, beta, lamb, *h0, x, do.to(dtype), *dht, steps, None, 'jacobi', fp32_bwd,
+        _, _, _, x, _, gc = chunk._cuda_fwd(q, k, v, g, beta, lamb, *h0, steps, None, 'jacobi', False, final, None,
+                                            None, 64, pre)
+        grads = chunk._cuda_bwd(q, k, v, gc, beta, lamb, *h0, x, do.to(dtype), *dht, steps, None, 'jacobi', fp32_bwd,
                                 None, None, 64, pre)
         leaves = [t.double().requires_grad_() for t in (q, k, v, g, beta, lamb)]
         states = [None if s is None else s.double().requires_grad_() for s in h0]
@@ -599,7 +599,12 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
         # the gate's gradient takes x . dq, dq the query's gradient of both passes, as x . diag(lamb) u (what it is
         # when u solves the adjoint system; here x and u are random)
         x_dq = (x.double() * (ref_s[0] - ref_h[0])).sum(-1)
-        dg_ref = ref_s[4] - ref_h[4] - x_dq + (x.double() * lamb.double() * u.double()).sum(-1)
+        dG = ref_s[4] - ref_h[4] - x_dq + (x.double() * lamb.double() * u.double()).sum(-1)
+        # the kernel's dg is g's gradient: dG (the chunk-local cumulative gate's) summed from each chunk's end
+        dg_ref = torch.empty_like(dG)
+        for s, e in zip(bounds, bounds[1:]):
+            for t0 in range(s, e, C):
+                dg_ref[:, t0:min(t0 + C, e)] = dG[:, t0:min(t0 + C, e)].flip(1).cumsum(1).flip(1)
         errs = {'x': rel(dx, ref_s[0]), 'q': rel(dq.float(), u.double()), 'k': rel(dk.float(), ref_s[1] - ref_h[1] -
                 ref_h[2]), 'v': rel(dv.float(), ref_s[2]), 'g': rel(dg, dg_ref),
                 'beta': rel(dbeta, ref_s[3] - ref_h[3]), 'lamb': rel(dlamb, -(u.double() * x).sum((0, 1)))}
