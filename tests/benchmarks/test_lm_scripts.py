@@ -1,8 +1,8 @@
 """Tiny CPU runs of benchmarks/lm/stability.py, first_step.py, throughput.py, cg_precond_trained.py and
-adjoint_start_trained.py, of the
-emulations benchmarks/ops/tf32_emulation.py and half_states_emulation.py, of the preconditioning study
-benchmarks/ops/cg_preconditioning.py and of the SASS loop count of benchmarks/ops/kernel_resources.py, the Nsight
-Compute reader of benchmarks/ops/ncu_mesa.py, and the CG and GLA-gradient benchmarks' kernel launches."""
+adjoint_start_trained.py, of the emulations benchmarks/ops/tf32_emulation.py and half_states_emulation.py, of the
+preconditioning study benchmarks/ops/cg_preconditioning.py and of the SASS loop count of
+benchmarks/ops/kernel_resources.py, the Nsight Compute reader of benchmarks/ops/ncu_mesa.py, and the CG and
+GLA-gradient benchmarks' kernel launches."""
 
 import json
 import math
