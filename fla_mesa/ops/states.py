@@ -190,7 +190,8 @@ def chunk_state_grads_bwd(
         the chunk-end states' gradients as `ScaledStates` `[B, NT, H, K, V]` (NT: chunks over all sequences when
         varlen), and the initial states' `[N, H, K, V]` float32 if `with_dh0`, else None.
     """
-    return _launch_state_grads(q, [do], gc, [dht], with_dh0, cu_seqlens, chunk_indices, chunk_size)[0]
+    return _launch_state_grads('chunk_state_grads_bwd', q, [do], gc, [dht], with_dh0, cu_seqlens, chunk_indices,
+                               chunk_size)[0]
 
 
 def chunk_state_grads_pair_bwd(
@@ -214,14 +215,16 @@ def chunk_state_grads_pair_bwd(
                          f"{tuple(do2.shape)}")
     if (dht is None) != (dht2 is None):
         raise ValueError("chunk_state_grads_pair_bwd: expected both final-state gradients or neither")
-    return _launch_state_grads(q, [do, do2], gc, [dht, dht2], with_dh0, cu_seqlens, chunk_indices, chunk_size)
+    return _launch_state_grads('chunk_state_grads_pair_bwd', q, [do, do2], gc, [dht, dht2], with_dh0, cu_seqlens,
+                               chunk_indices, chunk_size)
 
 
-def _launch_state_grads(q, dos, gc, dhts, with_dh0, cu_seqlens, chunk_indices, chunk_size):
+def _launch_state_grads(name, q, dos, gc, dhts, with_dh0, cu_seqlens, chunk_indices, chunk_size):
+    # name: the public function's, for the error
     B, T, H, K = q.shape
     V = dos[0].shape[-1]
     if K > 64:
-        raise ValueError(f"chunk_state_grads_bwd: expected K <= 64 (one program holds a whole column), got K={K}")
+        raise ValueError(f"{name}: expected K <= 64 (one program holds a whole column), got K={K}")
     N, NT, chunk_offsets = _sequences(B, T, cu_seqlens, chunk_indices, chunk_size)
     outs = [(q.new_empty(B, NT, H, K, V, dtype=torch.float16), q.new_empty(B, NT, H, V, dtype=torch.float32),
              q.new_empty(N, H, K, V, dtype=torch.float32) if with_dh0 else None) for _ in dos]

@@ -345,12 +345,17 @@ def test_fused_backward_kernels_reject_other_shapes_and_float32_states():
     with pytest.raises(ValueError, match="mesa_bwd_dw: `dh_kv` must be `ScaledStates`"):
         mesa_bwd_dw(x, x, x, x, row, x, x, scaled, state, row, x)
     # the paired state-gradient scans: output gradients of one shape, final-state gradients for both or neither
-    from fla_mesa.ops.states import chunk_state_grads_pair_bwd
+    from fla_mesa.ops.states import chunk_state_grads_bwd, chunk_state_grads_pair_bwd
     with pytest.raises(ValueError, match=r"chunk_state_grads_pair_bwd: expected do2 of do's shape \(1, 8, 2, 4\), got "
                                          r"\(1, 8, 2, 3\)"):
         chunk_state_grads_pair_bwd(x, x, torch.zeros(1, 8, 2, 3), row)
     with pytest.raises(ValueError, match="expected both final-state gradients or neither"):
         chunk_state_grads_pair_bwd(x, x, x, row, dht=state[:, 0])
+    wide = torch.zeros(1, 8, 2, 128)
+    for fn, args in ((chunk_state_grads_bwd, (wide, x, row)), (chunk_state_grads_pair_bwd, (wide, x, x, row))):
+        with pytest.raises(ValueError, match=fn.__name__ + r": expected K <= 64 \(one program holds a whole column\), "
+                                             "got K=128"):
+            fn(*args)
 
 
 def test_bad_cu_seqlens_values():
