@@ -403,20 +403,21 @@ BACKWARD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
 
     # (T, K, V, dtype, cg_steps, initial state, final-state gradients, fp32_backward, CG preconditioner, bounds on
     # the errors of the gradients in the inputs' dtype and of the float32 ones (g, beta, lamb), float16 states):
-    # float32 products here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error up
-    # to 2^-8. The interpreter's full float32 products keep float32 states (`chunk.scaled_states`); the last two
-    # cases take the GPU's float16 states for bf16 inputs at K <= 64 (float16's rounding: a few units of 2^-11), with
-    # V = K through `mesa_backward`'s kernels and V != K through `gla_backward`'s
+    # float32 products here (no tf32); bf16 gradients are rounded toward zero by the interpreter, relative error below
+    # 2^-7 (one unit in the last place). The interpreter's full float32 products keep float32 states
+    # (`chunk.scaled_states`); the last two cases take the GPU's float16 states for bf16 inputs at K <= 64 (float16's
+    # rounding: a few units of 2^-11, on top), with V = K through `mesa_backward`'s kernels and V != K through
+    # `gla_backward`'s
     bf16_errs = {}
     scaled_states = chunk.scaled_states
     for T, K, V, dtype, steps, init, final, fp32_bwd, pre, bounds, scaled in [
             (100, 32, 48, torch.float32, 30, True, True, True, 'none', (1e-5, 1e-5), False),
             (100, 32, 48, torch.float32, 30, True, True, True, 'jacobi', (1e-5, 1e-5), False),
             (70, 16, 16, torch.float32, 0, False, True, True, 'none', (1e-5, 1e-5), False),  # H's side only for dht_kk
-            (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -8, 1e-5), False),
+            (90, 32, 32, torch.bfloat16, 30, False, False, True, 'none', (2 ** -7, 1e-5), False),
             (90, 32, 32, torch.bfloat16, 30, False, False, False, 'none', (3e-2, 3e-2), False),
-            (90, 32, 32, torch.bfloat16, 30, True, True, True, 'jacobi', (2 ** -8, 4 * 2 ** -11), True),
-            (90, 32, 48, torch.bfloat16, 30, True, True, True, 'none', (2 ** -8, 4 * 2 ** -11), True)]:
+            (90, 32, 32, torch.bfloat16, 30, True, True, True, 'jacobi', (2 ** -7 + 4 * 2 ** -11, 4 * 2 ** -11), True),
+            (90, 32, 48, torch.bfloat16, 30, True, True, True, 'none', (2 ** -7 + 4 * 2 ** -11, 4 * 2 ** -11), True)]:
         chunk.scaled_states = (lambda k: True) if scaled else scaled_states
         B, H = 2, 2
         q, k = (F.normalize(torch.randn(B, T, H, K), dim=-1).to(dtype) for _ in range(2))
@@ -506,8 +507,9 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from hypothesis import example, given, settings, strategies as st
     GATES = {'keep': 1e-3, 'mid': 0.3, 'forget': 5.0}     # -g drawn from U(0, this): gamma near 1 ... down to e^-5
     BETAS = {'low': (0., 1e-3), 'any': (0., 1.), 'high': (1 - 1e-3, 1.)}
-    # the largest relative error of a gradient stored in dtype (dv; rounding toward zero in the interpreter)
-    STORED = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
+    # the largest relative error of a gradient stored in dtype (dv): the interpreter truncates to bf16 (below one unit
+    # in the last place, 2^-7; 17% of random 16-entry tensors exceed round-to-nearest's 2^-8) and rounds to float16
+    STORED = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -11}
 
     def case(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
         # the backward's operands of both passes, their states and state gradients (as the kernels take them), and
@@ -588,6 +590,7 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
            cuts=st.lists(st.floats(0.05, 0.95), max_size=3), seed=st.integers(0, 2 ** 16))
     @example(B=1, T=100, H=2, K=64, dtype=torch.bfloat16, varlen=True, C=64, gate='mid', betas='any', cuts=[0.4],
              seed=3)
+    @example(B=1, T=1, H=1, K=16, dtype=torch.bfloat16, varlen=False, C=16, gate='mid', betas='any', cuts=[], seed=9)
     def check_fused(B, T, H, K, dtype, varlen, C, gate, betas, cuts, seed):
         ops, ref_s, ref_h, kw, bounds = case(B, T, H, K, K, dtype, varlen, C, gate, betas, cuts, True, seed)
         x, k, v, beta, do, u, gc, h_kv, dh_kv, h_kk, dh_u = ops
