@@ -507,8 +507,9 @@ GLA_BWD_SCRIPT = textwrap.dedent(FLA_PRELUDE + '''
     from hypothesis import example, given, settings, strategies as st
     GATES = {'keep': 1e-3, 'mid': 0.3, 'forget': 5.0}     # -g drawn from U(0, this): gamma near 1 ... down to e^-5
     BETAS = {'low': (0., 1e-3), 'any': (0., 1.), 'high': (1 - 1e-3, 1.)}
-    # the largest relative error of a gradient stored in dtype (dv): the interpreter truncates to bf16 (below one unit
-    # in the last place, 2^-7; 17% of random 16-entry tensors exceed round-to-nearest's 2^-8) and rounds to float16
+    # the largest relative error of a gradient stored in dtype (dv; dq, dk, dv of `mesa_backward`'s kernels): the
+    # interpreter truncates to bf16 (below one unit in the last place, 2^-7; 17% of random 16-entry tensors exceed
+    # round-to-nearest's 2^-8) and rounds to float16
     STORED = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -11}
 
     def case(B, T, H, K, V, dtype, varlen, C, gate, betas, cuts, scaled, seed):
