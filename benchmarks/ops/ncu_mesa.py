@@ -17,6 +17,11 @@ Usage (B=8 T=2048 H=16 bf16, lamb = 1, `benchmark_mesa.py`'s inputs; on a GPU wh
     ncu --import fwd.ncu-rep --page details > fwd-details.txt
     ncu --import fwd.ncu-rep --page source --csv --print-source sass > fwd-sass.csv
     python benchmarks/ops/ncu_mesa.py read fwd-details.txt fwd-sass.csv
+The tensor pipes' and DRAM's use alone, printed by ncu itself (the same target, seconds instead of minutes):
+    M=gpu__time_duration.sum,sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed
+    ncu --clock-control none --nvtx --nvtx-include 'prof/' -k 'regex:chunk_cg_kernel|mesa_bwd|chunk_state' \\
+        --metrics $M,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
+        python benchmarks/ops/ncu_mesa.py run --part forward
 """
 
 import argparse
