@@ -98,6 +98,14 @@ def train(model, data, cfg: dict, device, seed: int, progress: bool = True) -> t
     return losses, common.now(device) - t_train0
 
 
+def mesa_model(cfg: dict, device):
+    """The demo's MesaForCausalLM for `cfg` (`resolve`'s), on `device`, initialised from torch's current seed."""
+    from fla_mesa import MesaForCausalLM
+    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
+                                max_len=max(2048, cfg['seq_len']))
+    return MesaForCausalLM(config).to(device)
+
+
 def trained_model(argv) -> tuple:
     """The demo's model trained as `main` trains it, for the studies of a trained model (`argv`: their options,
     `parse_args`'s; no progress bar). Returns `(model, data, cfg, device)`."""
@@ -105,11 +113,8 @@ def trained_model(argv) -> tuple:
     device = common.setup_device(args.device, args.threads)
     cfg = resolve(args, device)
     torch.manual_seed(args.seed)
-    from fla_mesa import MesaForCausalLM
     data = corpus.ByteCorpus.load()
-    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
-                                max_len=max(2048, cfg['seq_len']))
-    model = MesaForCausalLM(config).to(device)
+    model = mesa_model(cfg, device)
     losses, train_s = train(model, data, cfg, device, args.seed, progress=False)
     print(f"trained {cfg['steps']} steps in {train_s:.0f}s, mean loss of the last 10 "
           f"{statistics.mean(losses[-10:]):.4f}")
@@ -121,7 +126,6 @@ def main(argv=None) -> dict:
     device = common.setup_device(args.device, args.threads)
     cfg = resolve(args, device)
     torch.manual_seed(args.seed)
-    from fla_mesa import MesaForCausalLM
 
     print(f"versions: {common.versions()}")
     print(f"device {device}, preset '{cfg['preset']}', seed {args.seed}")
@@ -129,11 +133,9 @@ def main(argv=None) -> dict:
     data = corpus.ByteCorpus.load()
     print(data.describe() + f"  [{time.perf_counter() - t0:.1f}s]")
 
-    config = common.mesa_config(cfg['hidden_size'], cfg['layers'], cfg['head_dim'], cfg['cg_steps'], device.type,
-                                max_len=max(2048, cfg['seq_len']))
-    model = MesaForCausalLM(config).to(device)
+    model = mesa_model(cfg, device)
     n_params = common.count_params(model)
-    print(f"MesaForCausalLM: hidden {cfg['hidden_size']}, {cfg['layers']} layers, {config.num_heads} heads x "
+    print(f"MesaForCausalLM: hidden {cfg['hidden_size']}, {cfg['layers']} layers, {model.config.num_heads} heads x "
           f"{cfg['head_dim']}, {n_params / 1e6:.2f}M params; training CG steps {cfg['cg_steps']}; "
           f"seq {cfg['seq_len']} x batch {cfg['batch_size']} x {cfg['steps']} steps, peak lr {cfg['lr']:g}")
 
